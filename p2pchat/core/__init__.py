@@ -1,0 +1,1 @@
+"""The protocol core: pure code, no I/O, no trio."""

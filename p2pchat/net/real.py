@@ -1,0 +1,256 @@
+"""The real network: trio sockets, UDP and TCP, IPv4 and IPv6, behind an allow-list of destinations.
+
+The allow-list exists so that a test suite (or a LAN-only deployment) can make it impossible to send anywhere
+but where it means to.  It is read from :data:`ALLOW_ENV_VAR` when not given, so that daemons started by a test
+in subprocesses inherit the test suite's loopback-only policy.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket as stdlib_socket
+from collections.abc import Iterable
+
+import trio
+
+from p2pchat.errors import ConnectError, DestinationNotAllowedError
+from p2pchat.net.base import Address, DatagramEndpoint, Listener, Network, Stream
+
+__all__ = [
+    "ALLOW_ENV_VAR",
+    "MAX_DATAGRAMS_PER_BATCH",
+    "RECEIVE_BUFFER_BYTES",
+    "AllowList",
+    "RealNetwork",
+]
+
+ALLOW_ENV_VAR = "P2PCHAT_ALLOW_NETWORKS"
+"""Comma-separated CIDR networks a :class:`RealNetwork` may send to when no allow-list is passed."""
+
+RECEIVE_BUFFER_BYTES = 65536
+"""Largest datagram read from a socket; protocol layers apply their own, smaller limits."""
+
+MAX_DATAGRAMS_PER_BATCH = 256
+"""Datagrams drained per wake-up, so one flooded socket cannot starve the other tasks."""
+
+_ALLOW_CACHE_LIMIT = 4096
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AllowList:
+    """The set of destination networks traffic may go to; ``None`` networks means everywhere."""
+
+    __slots__ = ("_cache", "networks")
+
+    def __init__(self, networks: Iterable[str | IPNetwork] | None) -> None:
+        self.networks: tuple[IPNetwork, ...] | None = (
+            None if networks is None else tuple(ipaddress.ip_network(n) for n in networks)
+        )
+        self._cache: dict[str, bool] = {}
+
+    @classmethod
+    def from_environment(cls) -> AllowList:
+        """The allow-list named by :data:`ALLOW_ENV_VAR`, or one that allows everything."""
+        value = os.environ.get(ALLOW_ENV_VAR, "").strip()
+        if not value:
+            return cls(None)
+        return cls(part.strip() for part in value.split(",") if part.strip())
+
+    def allows(self, host: str) -> bool:
+        """Whether ``host`` (an IP literal) lies inside an allowed network."""
+        if self.networks is None:
+            return True
+        verdict = self._cache.get(host)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                verdict = False
+            else:
+                verdict = any(ip in net for net in self.networks)
+            if len(self._cache) >= _ALLOW_CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[host] = verdict
+        return verdict
+
+    def check(self, host: str) -> None:
+        """Raise :class:`DestinationNotAllowedError` unless ``host`` is allowed."""
+        if not self.allows(host):
+            raise DestinationNotAllowedError(f"destination {host} is outside the allowed networks {self}")
+
+    def __str__(self) -> str:
+        if self.networks is None:
+            return "(everywhere)"
+        return ",".join(str(n) for n in self.networks)
+
+
+def _family(host: str) -> stdlib_socket.AddressFamily:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address literal") from None
+    return stdlib_socket.AF_INET6 if ip.version == 6 else stdlib_socket.AF_INET
+
+
+def _address(sockaddr: tuple[object, ...]) -> Address:
+    host, port = sockaddr[0], sockaddr[1]
+    assert isinstance(host, str)
+    assert isinstance(port, int)
+    return Address(host, port)
+
+
+class RealDatagramEndpoint(DatagramEndpoint):
+    """A UDP socket driven by trio's readiness API, so a wake-up drains everything queued in the kernel."""
+
+    __slots__ = ("_allow", "_closed", "_sock")
+
+    def __init__(self, sock: stdlib_socket.socket, allow: AllowList) -> None:
+        super().__init__(_address(sock.getsockname()))
+        self._sock = sock
+        self._allow = allow
+        self._closed = False
+
+    def send(self, data: bytes, destination: Address) -> None:
+        """Send one datagram; a full kernel buffer or an ICMP error drops it and counts it."""
+        if self._closed:
+            raise trio.ClosedResourceError("datagram endpoint is closed")
+        self._allow.check(destination.host)
+        try:
+            self._sock.sendto(data, (destination.host, destination.port))
+        except OSError:
+            self.stats.send_errors += 1
+        else:
+            self.stats.sent += 1
+
+    async def receive_batch(self) -> list[tuple[bytes, Address]]:
+        """Wait until the socket is readable, then drain up to :data:`MAX_DATAGRAMS_PER_BATCH` datagrams."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        batch: list[tuple[bytes, Address]] = []
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("datagram endpoint is closed")
+            try:
+                while len(batch) < MAX_DATAGRAMS_PER_BATCH:
+                    data, sockaddr = self._sock.recvfrom(RECEIVE_BUFFER_BYTES)
+                    batch.append((data, _address(sockaddr)))
+            except BlockingIOError:
+                pass
+            except ConnectionRefusedError:
+                # Linux reports an earlier send's ICMP port-unreachable on the next recv; it is not data.
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF and self._closed:
+                    raise trio.ClosedResourceError("datagram endpoint is closed") from None
+                raise
+            if batch:
+                self.stats.received += len(batch)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+            except trio.ClosedResourceError:
+                raise trio.ClosedResourceError("datagram endpoint is closed") from None
+
+    async def aclose(self) -> None:
+        """Close the socket (wakes a blocked receive with ClosedResourceError)."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class RealStream(Stream):
+    """A TCP connection: a trio SocketStream plus its two addresses."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self._inner = inner
+        self.local_address = _address(inner.socket.getsockname())
+        self.remote_address = _address(inner.socket.getpeername())
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data`` (see :meth:`trio.abc.SendStream.send_all`)."""
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive some bytes; ``b""`` at end of stream."""
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads end-of-stream after what was sent."""
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self._inner.aclose()
+
+
+class RealListener(Listener):
+    """A TCP listener on one address."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        super().__init__(_address(inner.socket.getsockname()))
+        self._inner = inner
+
+    async def accept(self) -> Stream:
+        """Wait for the next connection."""
+        return RealStream(await self._inner.accept())
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        await self._inner.aclose()
+
+
+class RealNetwork(Network):
+    """The host's real network, limited to the destinations of an :class:`AllowList`."""
+
+    def __init__(self, allow: Iterable[str | IPNetwork] | AllowList | None = None) -> None:
+        if isinstance(allow, AllowList):
+            self.allow = allow
+        elif allow is None:
+            self.allow = AllowList.from_environment()
+        else:
+            self.allow = AllowList(allow)
+
+    async def open_datagram(self, host: str, port: int = 0) -> DatagramEndpoint:
+        """Bind a UDP socket to ``host:port``."""
+        family = _family(host)
+        sock = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if family == stdlib_socket.AF_INET6:
+                sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        await trio.lowlevel.checkpoint()
+        return RealDatagramEndpoint(sock, self.allow)
+
+    async def open_listener(self, host: str, port: int = 0) -> Listener:
+        """Listen for TCP connections on ``host:port``."""
+        _family(host)  # reject host names early: we bind IP literals only
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        for extra in listeners[1:]:
+            await extra.aclose()
+        return RealListener(listeners[0])
+
+    async def connect(self, address: Address) -> Stream:
+        """Open a TCP connection to ``address``."""
+        _family(address.host)
+        self.allow.check(address.host)
+        try:
+            inner = await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConnectError(f"cannot connect to {address}: {reason}") from exc
+        return RealStream(inner)
