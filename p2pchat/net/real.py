@@ -7,6 +7,7 @@ in subprocesses inherit the test suite's loopback-only policy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -22,6 +23,7 @@ __all__ = [
     "ALLOW_ENV_VAR",
     "MAX_DATAGRAMS_PER_BATCH",
     "RECEIVE_BUFFER_BYTES",
+    "UDP_SOCKET_BUFFER_BYTES",
     "AllowList",
     "RealNetwork",
 ]
@@ -31,6 +33,10 @@ ALLOW_ENV_VAR = "P2PCHAT_ALLOW_NETWORKS"
 
 RECEIVE_BUFFER_BYTES = 65536
 """Largest datagram read from a socket; protocol layers apply their own, smaller limits."""
+
+UDP_SOCKET_BUFFER_BYTES = 1 << 20
+"""Requested kernel send/receive buffer per UDP socket (the kernel may cap it), so bursts of replies to a
+lookup are not dropped at the socket."""
 
 MAX_DATAGRAMS_PER_BATCH = 256
 """Datagrams drained per wake-up, so one flooded socket cannot starve the other tasks."""
@@ -227,6 +233,9 @@ class RealNetwork(Network):
         sock = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            for option in (stdlib_socket.SO_RCVBUF, stdlib_socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):  # a capped or refused size is not an error: UDP may drop
+                    sock.setsockopt(stdlib_socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_BYTES)
             if family == stdlib_socket.AF_INET6:
                 sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
