@@ -1,0 +1,144 @@
+"""Datagram RPC: replies matched by address and transaction id; timeouts adapt; bad input dropped and counted."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from p2pchat.core.framing import encode_datagram
+from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
+from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, RttEstimator, TimeoutPolicy
+from p2pchat.core.schema import Packet
+from p2pchat.dht.rpc import MAX_PENDING_REQUESTS, RequestTimeoutError, RpcTransport, TooManyRequestsError
+from p2pchat.env import Env
+from p2pchat.errors import ProtocolError
+from p2pchat.net import Address
+from p2pchat.net.sim import Constant, LinkModel, SimNetwork, open_sim_network
+
+REPLIES = (Pong, Nodes)
+
+
+def pong_handler(packet: Packet, source: Address) -> Packet | None:
+    if isinstance(packet, Ping):
+        return Pong(packet.txid, source.host, source.port)
+    if isinstance(packet, FindNode):
+        raise ProtocolError("not serving lookups in this test")
+    return None
+
+
+async def _transport(net: SimNetwork, seed: int, handler=pong_handler) -> RpcTransport:  # type: ignore[no-untyped-def]
+    host = net.add_host()
+    endpoint = await host.open_datagram(host.address, 4000)
+    return RpcTransport(Env.simulated(host, seed), endpoint, handler, reply_types=REPLIES)
+
+
+async def test_request_gets_its_reply_and_measures_rtt(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(1, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            reply = await a.request(Ping(a.new_txid()), b.local_address)
+            assert isinstance(reply, Pong)
+            assert (reply.observed_host, reply.observed_port) == a.local_address
+            assert a.timeouts.timeout(b.local_address) < INITIAL_RTO
+            assert b.stats.requests_served == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_timeout_when_nobody_answers(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(2) as net:
+        a = await _transport(net, 1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            start = trio.current_time()
+            with pytest.raises(RequestTimeoutError):
+                await a.request(Ping(a.new_txid()), Address("10.9.9.9", 4000))
+            assert trio.current_time() - start == pytest.approx(INITIAL_RTO)
+            assert a.stats.timeouts == 1
+            assert a.pending_count() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_reply_from_another_address_or_txid_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(3) as net:
+        a = await _transport(net, 1)
+        liar_host = net.add_host()
+        liar = await liar_host.open_datagram(liar_host.address, 4000)
+        silent_host = net.add_host()
+        silent = Address(silent_host.address, 4000)
+        await silent_host.open_datagram(silent_host.address, 4000)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            txid = a.new_txid()
+
+            async def forge() -> None:
+                await trio.sleep(0.05)
+                # Right txid from the wrong address, then the wrong txid: both must be ignored.
+                liar.send(encode_datagram(Pong(txid, "10.0.0.1", 1)), a.local_address)
+                liar.send(encode_datagram(Pong(bytes(8), "10.0.0.1", 1)), a.local_address)
+
+            nursery.start_soon(forge)
+            with pytest.raises(RequestTimeoutError):
+                await a.request(Ping(txid), silent)
+            assert a.stats.dropped_unsolicited == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_garbage_and_refused_requests_are_counted(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(4) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run)
+            for junk in (b"", b"\x50", b"\xff" * 50, b"\x50\x09\x01\x90", b"\x00" + bytes(30)):
+                a.endpoint.send(junk, b.local_address)
+            a.send(FindNode(a.new_txid(), bytes(20)), b.local_address)
+            await trio.sleep(1)
+            assert b.stats.dropped_malformed == 4
+            assert b.stats.dropped_unsolicited == 1  # an rpcudp frame with no compat handler
+            assert b.stats.dropped_by_handler == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_pending_request_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(5) as net:
+        a = await _transport(net, 1)
+        silent = Address("10.9.9.9", 4000)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+
+            async def hang() -> None:
+                with pytest.raises(RequestTimeoutError):
+                    await a.request(Ping(a.new_txid()), silent, timeout=100)
+
+            for _ in range(MAX_PENDING_REQUESTS):
+                nursery.start_soon(hang)
+            await trio.testing.wait_all_tasks_blocked()
+            assert a.pending_count() == MAX_PENDING_REQUESTS
+            with pytest.raises(TooManyRequestsError):
+                await a.request(Ping(a.new_txid()), silent)
+            nursery.cancel_scope.cancel()
+
+
+def test_rtt_estimator_follows_rfc6298() -> None:
+    estimator = RttEstimator()
+    assert estimator.rto() == INITIAL_RTO
+    estimator.observe(0.100)
+    assert estimator.srtt == pytest.approx(0.100)
+    assert estimator.rto() == pytest.approx(0.300)
+    for _ in range(50):
+        estimator.observe(0.010)
+    assert estimator.rto() == pytest.approx(MIN_RTO, abs=0.01)
+    for _ in range(50):
+        estimator.observe(5.0)
+    assert estimator.rto() == MAX_RTO
+
+
+def test_timeout_policy_uses_overall_estimate_for_strangers() -> None:
+    policy = TimeoutPolicy()
+    assert policy.timeout("stranger") == INITIAL_RTO
+    for _ in range(20):
+        policy.observe("friend", 0.200)
+    assert policy.timeout("friend") == pytest.approx(0.200 + 4 * policy._peers["friend"].rttvar)
+    assert policy.timeout("friend") < policy.timeout("stranger") <= MAX_RTO
