@@ -47,6 +47,8 @@ from p2pchat.core.framing import (
     encode_rpcudp_request,
     encode_rpcudp_response,
 )
+from p2pchat.core.identity import Identity
+from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import (
     MAX_ERROR_CODE,
     MAX_ERROR_MESSAGE_BYTES,
@@ -93,6 +95,8 @@ FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None
 
 TXID = bytes(range(TXID_BYTES))
 NODE_ID = bytes(range(20))
+CERT = issue_cert(Identity.from_seed(bytes(32)), "2001:db8::1", 65535, 2**40)
+CERT_WIRE = to_wire(CERT)  # [key, packed host, port, issued_at, signature]: the raw form in hand-built bodies
 
 
 # --- a test-only registry that exercises every spec -------------------------------------------------------------
@@ -219,7 +223,7 @@ def test_every_registered_packet_fits_a_datagram() -> None:
 def _largest_nodes() -> Nodes:
     longest_ipv6 = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
     info = NodeInfo(node_id=b"\xff" * 20, host=longest_ipv6, port=MAX_PORT)
-    return Nodes(txid=TXID, nodes=(info,) * MAX_NODES_PER_REPLY)
+    return Nodes(txid=TXID, responder=CERT, nodes=(info,) * MAX_NODES_PER_REPLY)
 
 
 def test_nodes_with_twenty_ipv6_contacts_fits_a_datagram() -> None:
@@ -269,11 +273,11 @@ def test_str_bytes_and_list_max_wire_sizes_match_msgpack(length: int) -> None:
 
 
 def test_ip_addresses_travel_packed_and_come_back_canonical() -> None:
-    pong = Pong(txid=TXID, observed_host="2001:db8::1", observed_port=4000)
-    assert to_wire(pong)[1] == bytes.fromhex("20010db8000000000000000000000001")
+    pong = Pong(txid=TXID, responder=CERT, observed_host="2001:db8::1", observed_port=4000)
+    assert to_wire(pong)[2] == bytes.fromhex("20010db8000000000000000000000001")
     assert decode_datagram(encode_datagram(pong)) == pong
-    v4 = Pong(txid=TXID, observed_host="192.0.2.7", observed_port=1)
-    assert to_wire(v4)[1] == bytes([192, 0, 2, 7])
+    v4 = Pong(txid=TXID, responder=CERT, observed_host="192.0.2.7", observed_port=1)
+    assert to_wire(v4)[2] == bytes([192, 0, 2, 7])
 
 
 def test_ip_conversion_caches_are_bounded() -> None:
@@ -301,43 +305,80 @@ def _node(node_id: object = NODE_ID, host: object = b"\x7f\x00\x00\x01", port: o
     return [node_id, host, port]
 
 
-_VALID_PING = _dgram(1, [TXID])
+def _cert(**changes: object) -> list[object]:
+    """CERT's wire form with some fields replaced (by NodeCert field name)."""
+    wire = list(CERT_WIRE)
+    names = schema_of(type(CERT)).names
+    for name, value in changes.items():
+        wire[names.index(name)] = value
+    return wire
+
+
+_VALID_PING = _dgram(1, [TXID, CERT_WIRE])
 
 REJECTED: list[tuple[str, bytes, str]] = [
     ("empty", b"", "too short"),
     ("header only", bytes((P2P_MAGIC, PROTOCOL_VERSION, 1)), "too short"),
     ("bad magic", b"\x51" + _VALID_PING[1:], "magic"),
     ("rpcudp byte is not our magic", b"\x00" + _VALID_PING[1:], "magic"),
-    ("unknown version 2", _dgram(1, [TXID], version=2), "version 2"),
-    ("unknown version 0", _dgram(1, [TXID], version=0), "version 0"),
-    ("unknown kind 0", _dgram(0, [TXID]), "kind 0"),
-    ("unknown kind 99", _dgram(99, [TXID]), "kind 99"),
-    ("oversize", _dgram(4, [TXID, []]) + b"\xc0" * MAX_DATAGRAM_SIZE, "limit"),
+    ("unknown version 2", _dgram(1, [TXID, CERT_WIRE], version=2), "version 2"),
+    ("unknown version 0", _dgram(1, [TXID, CERT_WIRE], version=0), "version 0"),
+    ("unknown kind 0", _dgram(0, [TXID, CERT_WIRE]), "kind 0"),
+    ("unknown kind 99", _dgram(99, [TXID, CERT_WIRE]), "kind 99"),
+    ("oversize", _dgram(4, [TXID, CERT_WIRE, []]) + b"\xc0" * MAX_DATAGRAM_SIZE, "limit"),
     ("trailing byte", _VALID_PING + b"\xc0", "ExtraData"),
     ("trailing packet", _VALID_PING + _VALID_PING[3:], "ExtraData"),
-    ("body is a map", _dgram(1, {"txid": TXID}), "expected an array"),
+    ("body is a map", _dgram(1, {"txid": TXID, "sender": CERT_WIRE}), "expected an array"),
     ("body is an int", _dgram(1, 1), "expected an array"),
     ("body is nil", _dgram(1, None), "expected an array"),
-    ("too few fields", _dgram(1, []), "expected 1 fields"),
-    ("too many fields", _dgram(1, [TXID, TXID]), "expected 1 fields"),
-    ("Pong missing port", _dgram(2, [TXID, b"\x7f\x00\x00\x01"]), "expected 3 fields"),
-    ("txid too short", _dgram(1, [TXID[:-1]]), "Ping.txid: 7 bytes"),
-    ("txid too long", _dgram(1, [TXID + b"\x00"]), "Ping.txid: 9 bytes"),
-    ("txid empty", _dgram(1, [b""]), "Ping.txid"),
-    ("txid as str", _dgram(1, ["abcdefgh"]), "Ping.txid: expected bytes, got str"),
-    ("txid as old raw str", bytes((P2P_MAGIC, 1, 1)) + msgpack.packb([TXID], use_bin_type=False), "txid"),
-    ("target too short", _dgram(3, [TXID, NODE_ID[:-1]]), "FindNode.target: 19 bytes"),
-    ("target too long", _dgram(3, [TXID, NODE_ID + b"\x00"]), "FindNode.target: 21 bytes"),
-    ("packed ip of 5 bytes", _dgram(2, [TXID, b"\x01" * 5, 80]), "Pong.observed_host"),
-    ("packed ip of 0 bytes", _dgram(2, [TXID, b"", 80]), "Pong.observed_host"),
-    ("ip as text", _dgram(2, [TXID, "127.0.0.1", 80]), "Pong.observed_host: expected packed"),
-    ("port 0", _dgram(2, [TXID, b"\x7f\x00\x00\x01", 0]), "Pong.observed_port: 0 is outside"),
-    ("port 65536", _dgram(2, [TXID, b"\x7f\x00\x00\x01", 65536]), "Pong.observed_port"),
-    ("port -1", _dgram(2, [TXID, b"\x7f\x00\x00\x01", -1]), "Pong.observed_port"),
-    ("port uint64 max", _dgram(2, [TXID, b"\x7f\x00\x00\x01", MSGPACK_INT_MAX]), "Pong.observed_port"),
-    ("port int64 min", _dgram(2, [TXID, b"\x7f\x00\x00\x01", MSGPACK_INT_MIN]), "Pong.observed_port"),
-    ("bool for port", _dgram(2, [TXID, b"\x7f\x00\x00\x01", True]), "expected int, got bool"),
-    ("float for port", _dgram(2, [TXID, b"\x7f\x00\x00\x01", 80.0]), "expected int, got float"),
+    ("too few fields", _dgram(1, []), "expected 2 fields"),
+    ("too many fields", _dgram(1, [TXID, CERT_WIRE, TXID]), "expected 2 fields"),
+    ("Pong missing port", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01"]), "expected 4 fields"),
+    ("Ping sender missing", _dgram(1, [TXID]), "Ping: expected 2 fields, got 1"),
+    ("FindNode sender missing", _dgram(3, [TXID, NODE_ID]), "FindNode: expected 3 fields, got 2"),
+    ("Pong responder missing", _dgram(2, [TXID, b"\x7f\x00\x00\x01", 80]), "Pong: expected 4 fields, got 3"),
+    ("Nodes responder missing", _dgram(4, [TXID, []]), "Nodes: expected 3 fields, got 2"),
+    ("Pong responder nil", _dgram(2, [TXID, None, b"\x7f\x00\x00\x01", 80]), "Pong.responder: expected an array"),
+    ("Nodes responder nil", _dgram(4, [TXID, None, []]), "Nodes.responder: expected an array"),
+    ("sender not an array", _dgram(1, [TXID, CERT.key]), "Ping.sender: expected an array, got bytes"),
+    ("responder not an array", _dgram(4, [TXID, CERT.key, []]), "Nodes.responder: expected an array, got bytes"),
+    ("sender wrong arity", _dgram(3, [TXID, CERT_WIRE[:4], NODE_ID]), "FindNode.sender: expected 5 fields, got 4"),
+    ("sender key too short", _dgram(1, [TXID, _cert(key=CERT.key[:-1])]), "Ping.sender.key: 31 bytes"),
+    ("sender key too long", _dgram(3, [TXID, _cert(key=CERT.key + b"\x00"), NODE_ID]), "FindNode.sender.key: 33 bytes"),
+    (
+        "responder key too short",
+        _dgram(2, [TXID, _cert(key=b""), b"\x7f\x00\x00\x01", 80]),
+        "Pong.responder.key: 0 bytes",
+    ),
+    ("responder bad signature length", _dgram(4, [TXID, _cert(signature=bytes(63)), []]), "Nodes.responder.signature"),
+    ("responder bad port", _dgram(2, [TXID, _cert(port=0), b"\x7f\x00\x00\x01", 80]), "Pong.responder.port: 0"),
+    ("responder ip as text", _dgram(4, [TXID, _cert(host="::1"), []]), "Nodes.responder.host: expected packed"),
+    ("sender issued_at negative", _dgram(1, [TXID, _cert(issued_at=-1)]), "Ping.sender.issued_at: -1 is outside"),
+    ("txid too short", _dgram(1, [TXID[:-1], CERT_WIRE]), "Ping.txid: 7 bytes"),
+    ("txid too long", _dgram(1, [TXID + b"\x00", None]), "Ping.txid: 9 bytes"),
+    ("txid empty", _dgram(1, [b"", CERT_WIRE]), "Ping.txid"),
+    ("txid as str", _dgram(1, ["abcdefgh", None]), "Ping.txid: expected bytes, got str"),
+    ("txid as old raw str", bytes((P2P_MAGIC, 1, 1)) + msgpack.packb([TXID, None], use_bin_type=False), "txid"),
+    ("target too short", _dgram(3, [TXID, CERT_WIRE, NODE_ID[:-1]]), "FindNode.target: 19 bytes"),
+    ("target too long", _dgram(3, [TXID, None, NODE_ID + b"\x00"]), "FindNode.target: 21 bytes"),
+    ("packed ip of 5 bytes", _dgram(2, [TXID, CERT_WIRE, b"\x01" * 5, 80]), "Pong.observed_host"),
+    ("packed ip of 0 bytes", _dgram(2, [TXID, CERT_WIRE, b"", 80]), "Pong.observed_host"),
+    ("ip as text", _dgram(2, [TXID, CERT_WIRE, "127.0.0.1", 80]), "Pong.observed_host: expected packed"),
+    ("port 0", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", 0]), "Pong.observed_port: 0 is outside"),
+    ("port 65536", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", 65536]), "Pong.observed_port"),
+    ("port -1", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", -1]), "Pong.observed_port"),
+    ("port uint64 max", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", MSGPACK_INT_MAX]), "Pong.observed_port"),
+    ("port int64 min", _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", MSGPACK_INT_MIN]), "Pong.observed_port"),
+    (
+        "bool for port",
+        _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", True]),
+        "Pong.observed_port: expected int, got bool",
+    ),
+    (
+        "float for port",
+        _dgram(2, [TXID, CERT_WIRE, b"\x7f\x00\x00\x01", 80.0]),
+        "Pong.observed_port: expected int, got float",
+    ),
     ("error code -1", _dgram(5, [TXID, -1, ""]), "ErrorReply.code"),
     ("error code too big", _dgram(5, [TXID, MAX_ERROR_CODE + 1, ""]), "ErrorReply.code"),
     ("message too long", _dgram(5, [TXID, 1, "x" * (MAX_ERROR_MESSAGE_BYTES + 1)]), "ErrorReply.message"),
@@ -345,23 +386,24 @@ REJECTED: list[tuple[str, bytes, str]] = [
     ("message as bytes", _dgram(5, [TXID, 1, b"oops"]), "expected str, got bytes"),
     ("invalid utf-8", _raw(5, b"\x93\xc4\x08" + TXID + b"\x01\xa2\xc3\x28"), "UnicodeDecodeError"),
     ("lone surrogate in utf-8", _raw(5, b"\x93\xc4\x08" + TXID + b"\x01\xa3\xed\xa0\x80"), "UnicodeDecodeError"),
-    ("too many nodes", _dgram(4, [TXID, [_node()] * (MAX_NODES_PER_REPLY + 1)]), "21 items"),
-    ("nodes not an array", _dgram(4, [TXID, _node()[0]]), "Nodes.nodes: expected array"),
-    ("node not an array", _dgram(4, [TXID, [NODE_ID]]), "Nodes.nodes[0]: expected an array"),
-    ("node wrong arity", _dgram(4, [TXID, [_node()[:2]]]), "Nodes.nodes[0]: expected 3 fields"),
-    ("node bad port", _dgram(4, [TXID, [_node(), _node(port=0)]]), "Nodes.nodes[1].port"),
-    ("node bad id", _dgram(4, [TXID, [_node(node_id=b"short")]]), "Nodes.nodes[0].node_id"),
-    ("node bool host", _dgram(4, [TXID, [_node(host=True)]]), "Nodes.nodes[0].host"),
-    ("nested arrays for bytes", _dgram(1, [[[[[TXID]]]]]), "Ping.txid: expected bytes, got list"),
+    ("too many nodes", _dgram(4, [TXID, CERT_WIRE, [_node()] * (MAX_NODES_PER_REPLY + 1)]), "Nodes.nodes: 21 items"),
+    ("nodes not an array", _dgram(4, [TXID, CERT_WIRE, _node()[0]]), "Nodes.nodes: expected array"),
+    ("node not an array", _dgram(4, [TXID, CERT_WIRE, [NODE_ID]]), "Nodes.nodes[0]: expected an array"),
+    ("node wrong arity", _dgram(4, [TXID, CERT_WIRE, [_node()[:2]]]), "Nodes.nodes[0]: expected 3 fields"),
+    ("node bad port", _dgram(4, [TXID, CERT_WIRE, [_node(), _node(port=0)]]), "Nodes.nodes[1].port"),
+    ("node bad id", _dgram(4, [TXID, CERT_WIRE, [_node(node_id=b"short")]]), "Nodes.nodes[0].node_id"),
+    ("node bool host", _dgram(4, [TXID, CERT_WIRE, [_node(host=True)]]), "Nodes.nodes[0].host"),
+    ("nested arrays for bytes", _dgram(1, [[[[[TXID]]]], CERT_WIRE]), "Ping.txid: expected bytes, got list"),
     ("deep nesting", _raw(1, b"\x91" * (MAX_DATAGRAM_SIZE - 4) + b"\xc0"), "StackError"),
-    ("map with int key", _dgram(1, [{1: 2}]), "malformed msgpack"),
-    ("map with array key", _raw(1, b"\x91\x81\x91\x01\x01"), "malformed msgpack"),
-    ("fixext 1", _raw(1, b"\x91\xd4\x05\x00"), "ext"),
-    ("ext8 of length 0", _raw(1, b"\x91\xc7\x00\x05"), "extension type 5"),
-    ("timestamp 32", _raw(1, b"\x91\xd6\xff\x00\x00\x00\x00"), "ext"),
-    ("timestamp 96", _raw(1, b"\x91\xc7\x0c\xff" + bytes(12)), "ext"),
-    ("reserved byte 0xc1", _raw(1, b"\x91\xc1"), "malformed msgpack"),
-    ("bin length past the end", _raw(1, b"\x91\xc4\x08abc"), "malformed msgpack"),
+    ("map with int key", _dgram(1, [{1: 2}, None]), "malformed msgpack"),
+    ("map with array key", _raw(1, b"\x92\x81\x91\x01\x01\xc0"), "malformed msgpack"),
+    ("fixext 1", _raw(1, b"\x92\xd4\x05\x00\xc0"), "ext"),
+    ("ext8 of length 0", _raw(1, b"\x92\xc7\x00\x05\xc0"), "extension type 5"),
+    ("ext as sender", _raw(1, b"\x92\xc4\x08" + TXID + b"\xc7\x00\x05"), "extension type 5"),
+    ("timestamp 32", _raw(1, b"\x92\xd6\xff\x00\x00\x00\x00\xc0"), "ext"),
+    ("timestamp 96", _raw(1, b"\x92\xc7\x0c\xff" + bytes(12) + b"\xc0"), "ext"),
+    ("reserved byte 0xc1", _raw(1, b"\x92\xc1\xc0"), "malformed msgpack"),
+    ("bin length past the end", _raw(1, b"\x92\xc4\x08abc"), "malformed msgpack"),
     ("array32 claiming 4 billion items", _raw(1, b"\xdd\xff\xff\xff\xff"), "malformed msgpack"),
     ("str32 claiming 4 GiB", _raw(5, b"\x93\xc4\x08" + TXID + b"\x01\xdb\xff\xff\xff\xff"), "malformed msgpack"),
 ]
@@ -382,16 +424,16 @@ def test_rejected_through_a_stream_one_byte_at_a_time(name: str, data: bytes, re
 
 def test_unknown_version_names_the_version() -> None:
     with pytest.raises(ProtocolError) as info:
-        decode_datagram(_dgram(1, [TXID], version=7))
+        decode_datagram(_dgram(1, [TXID, CERT_WIRE], version=7))
     assert "version 7" in str(info.value)
     assert f"speaks {PROTOCOL_VERSION}" in str(info.value)
 
 
 def test_datagram_of_exactly_the_limit_passes_the_size_check() -> None:
-    # A Ping whose txid is a bin16 filling the datagram to exactly MAX_DATAGRAM_SIZE bytes: it gets past the size
-    # check (and fails on the txid's length); one byte more fails the size check itself.
-    txid_size = MAX_DATAGRAM_SIZE - P2P_HEADER_SIZE - 1 - 3
-    filler = _raw(1, b"\x91\xc5" + txid_size.to_bytes(2, "big") + bytes(txid_size))
+    # A Ping (no sender: nil) whose txid is a bin16 filling the datagram to exactly MAX_DATAGRAM_SIZE bytes: it gets
+    # past the size check (and fails on the txid's length); one byte more fails the size check itself.
+    txid_size = MAX_DATAGRAM_SIZE - P2P_HEADER_SIZE - 1 - 3 - 1
+    filler = _raw(1, b"\x92\xc5" + txid_size.to_bytes(2, "big") + bytes(txid_size) + b"\xc0")
     assert len(filler) == MAX_DATAGRAM_SIZE
     with pytest.raises(ProtocolError, match=f"Ping.txid: {txid_size} bytes"):
         decode_datagram(filler)
@@ -421,10 +463,10 @@ def _accepted_types(spec: Spec) -> tuple[type, ...]:
 
 def _example(cls: type[Packet]) -> Packet:
     return {
-        Ping: Ping(txid=TXID),
-        Pong: Pong(txid=TXID, observed_host="127.0.0.1", observed_port=80),
-        FindNode: FindNode(txid=TXID, target=NODE_ID),
-        Nodes: Nodes(txid=TXID, nodes=(NodeInfo(NODE_ID, "::1", 1),)),
+        Ping: Ping(txid=TXID, sender=CERT),
+        Pong: Pong(txid=TXID, responder=CERT, observed_host="127.0.0.1", observed_port=80),
+        FindNode: FindNode(txid=TXID, sender=None, target=NODE_ID),
+        Nodes: Nodes(txid=TXID, responder=CERT, nodes=(NodeInfo(NODE_ID, "::1", 1),)),
         ErrorReply: ErrorReply(txid=TXID, code=1, message="m"),
     }[cls]
 
@@ -474,9 +516,9 @@ def test_every_spec_rejects(field: str, value: object, reason: str) -> None:
 
 def _valid_datagrams() -> list[bytes]:
     return [
-        encode_datagram(Ping(txid=TXID)),
-        encode_datagram(Pong(txid=TXID, observed_host="2001:db8::7", observed_port=65535)),
-        encode_datagram(FindNode(txid=TXID, target=NODE_ID)),
+        encode_datagram(Ping(txid=TXID, sender=CERT)),
+        encode_datagram(Pong(txid=TXID, responder=CERT, observed_host="2001:db8::7", observed_port=65535)),
+        encode_datagram(FindNode(txid=TXID, sender=None, target=NODE_ID)),
         encode_datagram(_largest_nodes()),
         encode_datagram(ErrorReply(txid=TXID, code=3, message="é" * 100)),
     ]
@@ -490,7 +532,7 @@ def test_truncated_at_every_length_is_rejected() -> None:
 
 
 def test_truncated_at_every_length_is_rejected_through_a_stream() -> None:
-    ping = encode_datagram(Pong(txid=TXID, observed_host="2001:db8::7", observed_port=65535))
+    ping = encode_datagram(Pong(txid=TXID, responder=CERT, observed_host="2001:db8::7", observed_port=65535))
     for cut in range(1, len(ping)):
         with pytest.raises(ProtocolError):
             _decode_via_stream(ping[:cut])
@@ -607,19 +649,22 @@ def test_classify_rejects_unknown_formats(data: bytes) -> None:
 @pytest.mark.parametrize(
     ("pkt", "reason"),
     [
-        (Ping(txid=b"short"), "Ping.txid: 5 bytes"),
-        (Ping(txid=bytearray(TXID)), "Ping.txid: expected bytes, got bytearray"),  # type: ignore[arg-type]
-        (Pong(txid=TXID, observed_host="localhost", observed_port=1), "not a canonical IP"),
-        (Pong(txid=TXID, observed_host="::FFFF:1.2.3.4", observed_port=1), "not a canonical IP"),
-        (Pong(txid=TXID, observed_host="fe80::1%eth0", observed_port=1), "not a canonical IP"),
-        (Pong(txid=TXID, observed_host="010.0.0.1", observed_port=1), "not a canonical IP"),
-        (Pong(txid=TXID, observed_host=b"\x7f\x00\x00\x01", observed_port=1), "expected an IP"),  # type: ignore[arg-type]
-        (Pong(txid=TXID, observed_host="127.0.0.1", observed_port=True), "expected int, got bool"),
-        (Pong(txid=TXID, observed_host="127.0.0.1", observed_port=0), "observed_port: 0 is outside"),
-        (Nodes(txid=TXID, nodes=[NodeInfo(NODE_ID, "::1", 1)]), "expected tuple, got list"),  # type: ignore[arg-type]
-        (Nodes(txid=TXID, nodes=(NodeInfo(NODE_ID, "::1", 1),) * 21), "21 items"),
-        (Nodes(txid=TXID, nodes=(NodeInfo(NODE_ID, "::1", 1), Ping(TXID))), r"nodes\[1\]: expected NodeInfo"),  # type: ignore[arg-type]
-        (Nodes(txid=TXID, nodes=(NodeInfo(NODE_ID, "::1", 70000),)), r"Nodes.nodes\[0\].port: 70000"),
+        (Ping(txid=b"short", sender=CERT), "Ping.txid: 5 bytes"),
+        (Ping(txid=bytearray(TXID), sender=None), "Ping.txid: expected bytes, got bytearray"),  # type: ignore[arg-type]
+        (Pong(txid=TXID, responder=CERT, observed_host="localhost", observed_port=1), "not a canonical IP"),
+        (Pong(txid=TXID, responder=CERT, observed_host="::FFFF:1.2.3.4", observed_port=1), "not a canonical IP"),
+        (Pong(txid=TXID, responder=CERT, observed_host="fe80::1%eth0", observed_port=1), "not a canonical IP"),
+        (Pong(txid=TXID, responder=CERT, observed_host="010.0.0.1", observed_port=1), "not a canonical IP"),
+        (Pong(txid=TXID, responder=CERT, observed_host=b"\x7f\x00\x00\x01", observed_port=1), "expected an IP"),  # type: ignore[arg-type]
+        (Pong(txid=TXID, responder=CERT, observed_host="127.0.0.1", observed_port=True), "expected int, got bool"),
+        (Pong(txid=TXID, responder=CERT, observed_host="127.0.0.1", observed_port=0), "observed_port: 0 is outside"),
+        (Nodes(txid=TXID, responder=CERT, nodes=[NodeInfo(NODE_ID, "::1", 1)]), "expected tuple, got list"),  # type: ignore[arg-type]
+        (Nodes(txid=TXID, responder=CERT, nodes=(NodeInfo(NODE_ID, "::1", 1),) * 21), "21 items"),
+        (
+            Nodes(txid=TXID, responder=CERT, nodes=(NodeInfo(NODE_ID, "::1", 1), Ping(TXID, None))),  # type: ignore[arg-type]
+            r"nodes\[1\]: expected NodeInfo",
+        ),
+        (Nodes(txid=TXID, responder=CERT, nodes=(NodeInfo(NODE_ID, "::1", 70000),)), r"Nodes.nodes\[0\].port: 70000"),
         (ErrorReply(txid=TXID, code=1, message="x" * 201), "ErrorReply.message"),
         (ErrorReply(txid=TXID, code=1, message="\udc80"), "surrogate"),
     ],
@@ -780,9 +825,9 @@ def test_an_undecorated_subclass_of_a_packet_is_not_encoded_as_its_parent() -> N
         __slots__ = ()
 
     with pytest.raises(TypeError, match="not a schema class itself"):
-        encode_datagram(Sneaky(txid=TXID))
+        encode_datagram(Sneaky(txid=TXID, sender=CERT))
     with pytest.raises(TypeError, match="not a schema class itself"):
-        from_wire(Sneaky, [TXID])
+        from_wire(Sneaky, [TXID, CERT_WIRE])
 
 
 @pytest.mark.parametrize(

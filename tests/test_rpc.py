@@ -7,6 +7,8 @@ import trio
 import trio.testing
 
 from p2pchat.core.framing import encode_datagram
+from p2pchat.core.identity import Identity
+from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
 from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, RttEstimator, TimeoutPolicy
 from p2pchat.core.schema import Packet
@@ -17,11 +19,13 @@ from p2pchat.net import Address
 from p2pchat.net.sim import Constant, LinkModel, SimNetwork, open_sim_network
 
 REPLIES = (Pong, Nodes)
+# The transport does not interpret certificates (the DHT service does), so any well-formed one will do here.
+CERT = issue_cert(Identity.from_seed(bytes(32)), "10.0.0.1", 4000, 0)
 
 
 def pong_handler(packet: Packet, source: Address) -> Packet | None:
     if isinstance(packet, Ping):
-        return Pong(packet.txid, source.host, source.port)
+        return Pong(packet.txid, CERT, source.host, source.port)
     if isinstance(packet, FindNode):
         raise ProtocolError("not serving lookups in this test")
     return None
@@ -39,7 +43,7 @@ async def test_request_gets_its_reply_and_measures_rtt(autojump_clock: trio.test
         async with trio.open_nursery() as nursery:
             await nursery.start(a.run)
             await nursery.start(b.run)
-            reply = await a.request(Ping(a.new_txid()), b.local_address)
+            reply = await a.request(Ping(a.new_txid(), None), b.local_address)
             assert isinstance(reply, Pong)
             assert (reply.observed_host, reply.observed_port) == a.local_address
             assert a.timeouts.timeout(b.local_address) < INITIAL_RTO
@@ -54,7 +58,7 @@ async def test_timeout_when_nobody_answers(autojump_clock: trio.testing.MockCloc
             await nursery.start(a.run)
             start = trio.current_time()
             with pytest.raises(RequestTimeoutError):
-                await a.request(Ping(a.new_txid()), Address("10.9.9.9", 4000))
+                await a.request(Ping(a.new_txid(), None), Address("10.9.9.9", 4000))
             assert trio.current_time() - start == pytest.approx(INITIAL_RTO)
             assert a.stats.timeouts == 1
             assert a.pending_count() == 0
@@ -76,12 +80,12 @@ async def test_reply_from_another_address_or_txid_is_dropped(autojump_clock: tri
             async def forge() -> None:
                 await trio.sleep(0.05)
                 # Right txid from the wrong address, then the wrong txid: both must be ignored.
-                liar.send(encode_datagram(Pong(txid, "10.0.0.1", 1)), a.local_address)
-                liar.send(encode_datagram(Pong(bytes(8), "10.0.0.1", 1)), a.local_address)
+                liar.send(encode_datagram(Pong(txid, CERT, "10.0.0.1", 1)), a.local_address)
+                liar.send(encode_datagram(Pong(bytes(8), CERT, "10.0.0.1", 1)), a.local_address)
 
             nursery.start_soon(forge)
             with pytest.raises(RequestTimeoutError):
-                await a.request(Ping(txid), silent)
+                await a.request(Ping(txid, None), silent)
             assert a.stats.dropped_unsolicited == 2
             nursery.cancel_scope.cancel()
 
@@ -93,7 +97,7 @@ async def test_garbage_and_refused_requests_are_counted(autojump_clock: trio.tes
             await nursery.start(b.run)
             for junk in (b"", b"\x50", b"\xff" * 50, b"\x50\x09\x01\x90", b"\x00" + bytes(30)):
                 a.endpoint.send(junk, b.local_address)
-            a.send(FindNode(a.new_txid(), bytes(20)), b.local_address)
+            a.send(FindNode(a.new_txid(), None, bytes(20)), b.local_address)
             await trio.sleep(1)
             assert b.stats.dropped_malformed == 4
             assert b.stats.dropped_unsolicited == 1  # an rpcudp frame with no compat handler
@@ -110,14 +114,14 @@ async def test_pending_request_limit(autojump_clock: trio.testing.MockClock) -> 
 
             async def hang() -> None:
                 with pytest.raises(RequestTimeoutError):
-                    await a.request(Ping(a.new_txid()), silent, timeout=100)
+                    await a.request(Ping(a.new_txid(), None), silent, timeout=100)
 
             for _ in range(MAX_PENDING_REQUESTS):
                 nursery.start_soon(hang)
             await trio.testing.wait_all_tasks_blocked()
             assert a.pending_count() == MAX_PENDING_REQUESTS
             with pytest.raises(TooManyRequestsError):
-                await a.request(Ping(a.new_txid()), silent)
+                await a.request(Ping(a.new_txid(), None), silent)
             nursery.cancel_scope.cancel()
 
 

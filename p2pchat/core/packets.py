@@ -11,6 +11,10 @@ kind  packet          meaning
 2     :class:`Pong`        yes; and this is the address your ping came from  (reply to Ping)
 3     :class:`FindNode`    which nodes do you know closest to ``target``?  (request)
 4     :class:`Nodes`       these ones  (reply to FindNode)
+
+Requests carry the sender's :class:`~p2pchat.core.nodecert.NodeCert` (``None`` for a node in client mode,
+which asks but is never added to routing tables); replies always carry the responder's, so every node that
+enters a routing table has proved that it owns its id, from the address it is listed under.
 5     :class:`ErrorReply`  your request ``txid`` failed: ``code`` and a short ``message``
 ====  ==============  =========================================================================
 
@@ -27,7 +31,20 @@ from dataclasses import dataclass
 from typing import Annotated, Final
 
 from p2pchat.core.ids import NODE_ID_BYTES
-from p2pchat.core.schema import Bytes, Int, IpAddress, List, Packet, Str, Struct, WireStruct, packet, wire_struct
+from p2pchat.core.nodecert import NodeCert
+from p2pchat.core.schema import (
+    Bytes,
+    Int,
+    IpAddress,
+    List,
+    Optional,
+    Packet,
+    Str,
+    Struct,
+    WireStruct,
+    packet,
+    wire_struct,
+)
 
 __all__ = [
     "MAX_ERROR_CODE",
@@ -66,6 +83,8 @@ _Txid = Annotated[bytes, Bytes(min_len=TXID_BYTES, max_len=TXID_BYTES)]
 _NodeIdBytes = Annotated[bytes, Bytes(min_len=NODE_ID_BYTES, max_len=NODE_ID_BYTES)]
 _Host = Annotated[str, IpAddress()]
 _Port = Annotated[int, Int(min_value=MIN_PORT, max_value=MAX_PORT)]
+_Sender = Annotated[NodeCert | None, Optional(Struct(NodeCert))]
+_Responder = Annotated[NodeCert, Struct(NodeCert)]
 
 
 @wire_struct
@@ -87,6 +106,7 @@ class Ping(Packet):
     """Liveness probe; answered with :class:`Pong`."""
 
     txid: _Txid
+    sender: _Sender
 
 
 @packet(kind=2)
@@ -95,6 +115,7 @@ class Pong(Packet):
     """Reply to :class:`Ping`, telling the pinger the address its ping arrived from (as STUN does)."""
 
     txid: _Txid
+    responder: _Responder
     observed_host: _Host
     observed_port: _Port
 
@@ -105,6 +126,7 @@ class FindNode(Packet):
     """Ask for the contacts the receiver knows closest (by XOR distance) to ``target``; answered with :class:`Nodes`."""
 
     txid: _Txid
+    sender: _Sender
     target: _NodeIdBytes
 
 
@@ -114,6 +136,7 @@ class Nodes(Packet):
     """Reply to :class:`FindNode`: up to :data:`MAX_NODES_PER_REPLY` contacts."""
 
     txid: _Txid
+    responder: _Responder
     nodes: Annotated[tuple[NodeInfo, ...], List(item=Struct(NodeInfo), max_items=MAX_NODES_PER_REPLY)]
 
 

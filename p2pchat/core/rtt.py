@@ -19,8 +19,10 @@ INITIAL_RTO: Final = 1.0
 MAX_RTO: Final = 1.0
 """Longest timeout ever used for one datagram request (seconds)."""
 
-MIN_RTO: Final = 0.05
-"""Shortest timeout (seconds): below this, scheduling jitter alone would look like loss."""
+MIN_RTO: Final = 0.25
+"""Shortest timeout (seconds).  A lookup gives up on a node at its timeout, so a timeout shorter than the
+slowest honest round trip loses answers; until lookups learn to widen instead of giving up (a soft timeout),
+this stays well above WAN jitter."""
 
 RTT_PEERS_REMEMBERED: Final = 1024
 """Peers whose own round-trip estimates are kept (least recently used forgotten)."""

@@ -1,0 +1,501 @@
+"""The iterative Kademlia lookup as a state machine, without I/O: whom to ask next, and when we are done.
+
+The DHT shell drives a :class:`Lookup` like this::
+
+    lookup = Lookup(target, table.closest(target), own_id=table.own_id)
+    while not lookup.done:
+        for candidate in lookup.next_requests():     # at most alpha in flight, closest unasked first
+            send find_node(target) to candidate.address
+        ... wait for a reply or a timeout, then one of:
+        lookup.on_reply(node_id, contacts)          # contacts: (NodeId, Address) pairs from the reply
+        lookup.on_value(node_id, contacts)          # the node also holds a value for the target
+        lookup.on_failure(node_id)                  # timeout, garbage, wrong identity
+    closest = lookup.result()                        # the k closest nodes that answered, closest first
+
+A lookup is done when the k closest candidates that have not failed have all answered, or nothing is left to
+ask.  Everything a remote peer can influence is bounded: a reply adds at most :data:`MAX_CONTACTS_PER_REPLY`
+contacts, the candidate set keeps only the :data:`MAX_CANDIDATES_PER_K` ``* k`` closest, replies are taken only
+from nodes asked and still in flight, and each candidate is retried at a different address at most once (so a
+liar who hands out a real node id with a false address cannot hide that node from us).
+
+:class:`DisjointLookup` runs :data:`DISJOINT_PATHS` lookups side by side that never ask the same node (S/Kademlia),
+so a few hostile nodes on one path cannot steer the whole result.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
+from typing import TYPE_CHECKING, Final, Protocol
+
+from p2pchat.core.ids import NodeId
+from p2pchat.core.routing import K
+
+if TYPE_CHECKING:
+    # Only for annotations: p2pchat.net imports trio, which the protocol core must not.
+    from p2pchat.net.base import Address
+
+__all__ = [
+    "ALPHA",
+    "DISJOINT_PATHS",
+    "MAX_ADDRESSES_PER_CANDIDATE",
+    "MAX_CANDIDATES_PER_K",
+    "MAX_CONTACTS_PER_REPLY",
+    "Candidate",
+    "CandidateState",
+    "ContactLike",
+    "DisjointLookup",
+    "Lookup",
+]
+
+ALPHA: Final = 3
+"""Requests a lookup keeps in flight at once."""
+
+DISJOINT_PATHS: Final = 3
+"""Paths of a :class:`DisjointLookup` (S/Kademlia's d)."""
+
+MAX_CONTACTS_PER_REPLY: Final = K
+"""Contacts taken from one reply; the rest are ignored (an honest node returns at most k)."""
+
+MAX_CANDIDATES_PER_K: Final = 8
+"""A lookup keeps at most this many times k candidates, dropping the farthest, so liars cannot grow it."""
+
+MAX_ADDRESSES_PER_CANDIDATE: Final = 2
+"""Addresses a candidate is tried at: a failed candidate is asked again if a reply names it at a new address."""
+
+
+class ContactLike(Protocol):
+    """Anything with a node id and an address: a routing-table contact, a lookup candidate."""
+
+    @property
+    def node_id(self) -> NodeId:
+        """The node's id."""
+
+    @property
+    def address(self) -> Address:
+        """Where the node answers."""
+
+
+class CandidateState(enum.Enum):
+    """Where a candidate stands in a lookup."""
+
+    UNASKED = "unasked"
+    """Known, not asked yet."""
+    IN_FLIGHT = "in_flight"
+    """Asked; no reply or failure reported yet."""
+    ANSWERED = "answered"
+    """Replied."""
+    FAILED = "failed"
+    """Timed out or answered garbage."""
+    TAKEN = "taken"
+    """Asked by another path of the same :class:`DisjointLookup`, so this path will not use it."""
+
+
+# Module-level names: enum member lookups through the class cost a dictionary walk in the hot loops.
+_UNASKED: Final = CandidateState.UNASKED
+_IN_FLIGHT: Final = CandidateState.IN_FLIGHT
+_ANSWERED: Final = CandidateState.ANSWERED
+_FAILED: Final = CandidateState.FAILED
+_TAKEN: Final = CandidateState.TAKEN
+
+
+class Candidate:
+    """A node a lookup knows of.
+
+    ``depth`` is the length of the referral chain that led to it (seeds are 1; a node named in a reply from a
+    depth-d node is d+1; the shortest chain seen counts).  ``has_value`` says it answered with a value.
+    Read-only outside the lookup.
+    """
+
+    __slots__ = ("address", "addresses_tried", "depth", "distance", "has_value", "node_id", "state")
+
+    def __init__(self, node_id: NodeId, address: Address, distance: int, depth: int) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.distance = distance
+        self.depth = depth
+        self.state = _UNASKED
+        self.has_value = False
+        self.addresses_tried = 1
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.node_id!r}, {self.address}, depth={self.depth}, {self.state.value})"
+
+
+_by_distance: Final = attrgetter("distance")
+
+
+class Lookup:
+    """One iterative lookup for *target*, started from *seeds* (usually the routing table's closest).
+
+    ``own_id`` is never asked or returned.  With ``stop_at_first_value`` the lookup is done as soon as one node
+    answers with a value (find_value); without it, values are noted and the lookup goes on until the k closest
+    have answered, which merged gets (mailboxes, records) need.  :meth:`finish` stops it at any time.
+
+    ``rpcs`` counts the requests handed out so far; ``value_found`` says whether some node answered with a value.
+    """
+
+    __slots__ = (
+        "_by_id",
+        "_finished",
+        "_in_flight",
+        "_own",
+        "_sorted",
+        "_target",
+        "alpha",
+        "k",
+        "max_candidates",
+        "rpcs",
+        "stop_at_first_value",
+        "target",
+        "value_found",
+    )
+
+    def __init__(
+        self,
+        target: NodeId,
+        seeds: Iterable[ContactLike],
+        *,
+        k: int = K,
+        alpha: int = ALPHA,
+        own_id: NodeId | None = None,
+        stop_at_first_value: bool = False,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if not 1 <= alpha <= MAX_CANDIDATES_PER_K * k:
+            raise ValueError(f"alpha must be between 1 and {MAX_CANDIDATES_PER_K} * k, got {alpha}")
+        self.target = target
+        self.k = k
+        self.alpha = alpha
+        self.max_candidates = MAX_CANDIDATES_PER_K * k
+        self.stop_at_first_value = stop_at_first_value
+        self.rpcs = 0
+        self.value_found = False
+        self._target = target.int
+        self._own = own_id.int if own_id is not None else -1
+        self._by_id: dict[NodeId, Candidate] = {}
+        self._sorted: list[Candidate] = []  # by distance to the target, closest first
+        self._in_flight = 0
+        self._finished = False
+        for seed in seeds:
+            self._learn(seed.node_id, seed.address, 1)
+
+    # --- introspection ---------------------------------------------------------------------------------------
+
+    @property
+    def candidates(self) -> Sequence[Candidate]:
+        """Every candidate kept, closest to the target first."""
+        return self._sorted
+
+    @property
+    def in_flight(self) -> int:
+        """Requests handed out and not yet answered or failed."""
+        return self._in_flight
+
+    @property
+    def done(self) -> bool:
+        """Whether the k closest candidates that have not failed have all answered (or nobody is left to ask)."""
+        if self._finished:
+            return True
+        live = 0
+        for c in self._sorted:
+            state = c.state
+            if state is _ANSWERED:
+                live += 1
+                if live >= self.k:
+                    return True
+            elif state is _UNASKED:
+                if self._claim_fails(c):
+                    continue
+                return False
+            elif state is _IN_FLIGHT:
+                return False
+        return True
+
+    @property
+    def hops(self) -> int:
+        """Length of the referral chain from us to the closest node that answered (0 if none did)."""
+        for c in self._sorted:
+            if c.state is _ANSWERED:
+                return c.depth
+        return 0
+
+    def result(self) -> list[Candidate]:
+        """The k closest candidates that answered, closest first."""
+        out: list[Candidate] = []
+        for c in self._sorted:
+            if c.state is _ANSWERED:
+                out.append(c)
+                if len(out) >= self.k:
+                    break
+        return out
+
+    def value_holders(self) -> list[Candidate]:
+        """The candidates that answered with a value, closest first."""
+        return [c for c in self._sorted if c.has_value]
+
+    # --- driving -----------------------------------------------------------------------------------------------
+
+    def next_requests(self) -> list[Candidate]:
+        """Candidates to ask now: the closest unasked among the k closest live ones, up to alpha in flight.
+
+        They count as in flight from here on; report each with :meth:`on_reply`, :meth:`on_value` or
+        :meth:`on_failure`.
+        """
+        room = self.alpha - self._in_flight
+        if room <= 0 or self._finished:
+            return []
+        out: list[Candidate] = []
+        live = 0
+        for c in self._sorted:
+            state = c.state
+            if state is _FAILED or state is _TAKEN:
+                continue
+            if state is _UNASKED:
+                if self._claim_fails(c):
+                    continue
+                c.state = _IN_FLIGHT
+                out.append(c)
+                room -= 1
+                if room == 0:
+                    break
+            live += 1
+            if live >= self.k:
+                break
+        self._in_flight += len(out)
+        self.rpcs += len(out)
+        return out
+
+    def on_reply(
+        self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = (), *, has_value: bool = False
+    ) -> bool:
+        """Take *node_id*'s reply: the contacts it named (at most :data:`MAX_CONTACTS_PER_REPLY` are read).
+
+        Returns ``False`` (and changes nothing) unless the node was asked and is still in flight.
+        """
+        c = self._by_id.get(node_id)
+        if c is None or c.state is not _IN_FLIGHT:
+            return False
+        c.state = _ANSWERED
+        self._in_flight -= 1
+        if has_value:
+            c.has_value = True
+            self.value_found = True
+            if self.stop_at_first_value:
+                self._finished = True
+        depth = c.depth + 1
+        for contact_id, address in itertools.islice(contacts, MAX_CONTACTS_PER_REPLY):
+            self._learn(contact_id, address, depth)
+        return True
+
+    def on_value(self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = ()) -> bool:
+        """Take a reply from *node_id* that carried a value for the target (and maybe contacts)."""
+        return self.on_reply(node_id, contacts, has_value=True)
+
+    def on_failure(self, node_id: NodeId) -> bool:
+        """Record that *node_id* timed out or answered garbage; returns ``False`` if it was not in flight."""
+        c = self._by_id.get(node_id)
+        if c is None or c.state is not _IN_FLIGHT:
+            return False
+        c.state = _FAILED
+        self._in_flight -= 1
+        return True
+
+    def finish(self) -> None:
+        """Stop: :attr:`done` becomes true and nothing more is asked (replies in flight are still accepted)."""
+        self._finished = True
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _claim_fails(self, candidate: Candidate) -> bool:
+        """Whether another path has the candidate (then it is marked taken); a plain lookup owns everyone."""
+        del candidate
+        return False
+
+    def _rejects(self, node_id: NodeId) -> bool:
+        """Whether to ignore *node_id* when learned (a disjoint path ignores nodes other paths asked)."""
+        del node_id
+        return False
+
+    def _learn(self, node_id: NodeId, address: Address, depth: int) -> None:
+        key = node_id.int
+        if key == self._own:
+            return
+        c = self._by_id.get(node_id)
+        if c is not None:
+            c.depth = min(c.depth, depth)
+            if c.state is _FAILED and address != c.address and c.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
+                # Someone may have handed us a false address for a real node; give the other one a chance.
+                c.address = address
+                c.addresses_tried += 1
+                c.state = _UNASKED
+            return
+        distance = key ^ self._target
+        ranked = self._sorted
+        if len(ranked) >= self.max_candidates and distance >= ranked[-1].distance:
+            return
+        if self._rejects(node_id):
+            return
+        c = Candidate(node_id, address, distance, depth)
+        self._by_id[node_id] = c
+        bisect.insort(ranked, c, key=_by_distance)
+        if len(ranked) > self.max_candidates:
+            # Drop the farthest candidate not in flight (one always exists: alpha <= max_candidates), so a reply
+            # for a request we sent is never lost.
+            for i in range(len(ranked) - 1, -1, -1):
+                if ranked[i].state is not _IN_FLIGHT:
+                    del self._by_id[ranked.pop(i).node_id]
+                    break
+
+
+class _DisjointPath(Lookup):
+    """One path of a :class:`DisjointLookup`: a lookup that asks only nodes no other path has asked."""
+
+    __slots__ = ("_claims", "_index")
+
+    def __init__(
+        self,
+        target: NodeId,
+        seeds: Iterable[ContactLike],
+        claims: dict[NodeId, int],
+        index: int,
+        *,
+        k: int,
+        alpha: int,
+        own_id: NodeId | None,
+        stop_at_first_value: bool,
+    ) -> None:
+        # Set before the base class learns the seeds, which asks _rejects.
+        self._claims = claims
+        self._index = index
+        super().__init__(target, seeds, k=k, alpha=alpha, own_id=own_id, stop_at_first_value=stop_at_first_value)
+
+    def _claim_fails(self, candidate: Candidate) -> bool:
+        owner = self._claims.setdefault(candidate.node_id, self._index)
+        if owner != self._index:
+            candidate.state = _TAKEN
+            return True
+        return False
+
+    def _rejects(self, node_id: NodeId) -> bool:
+        owner = self._claims.get(node_id)
+        return owner is not None and owner != self._index
+
+
+class DisjointLookup:
+    """S/Kademlia's lookup over *paths* disjoint paths; same driving interface as :class:`Lookup`.
+
+    The seeds, ranked by distance, are dealt to the paths in turn.  A node is asked by at most one path: the
+    first path that asks it claims it, and the others skip it.  Each path keeps its own alpha requests in
+    flight and runs until its own k closest have answered; the result is the k closest answered over all paths.
+    ``paths`` holds the per-path lookups, for introspection.
+    """
+
+    __slots__ = ("_claims", "k", "paths", "target")
+
+    def __init__(
+        self,
+        target: NodeId,
+        seeds: Iterable[ContactLike],
+        *,
+        paths: int = DISJOINT_PATHS,
+        k: int = K,
+        alpha: int = ALPHA,
+        own_id: NodeId | None = None,
+        stop_at_first_value: bool = False,
+    ) -> None:
+        if paths < 1:
+            raise ValueError(f"a disjoint lookup needs at least one path, got {paths}")
+        self.target = target
+        self.k = k
+        own = own_id.int if own_id is not None else -1
+        unique: dict[NodeId, ContactLike] = {}
+        for seed in seeds:
+            if seed.node_id.int != own:
+                unique.setdefault(seed.node_id, seed)
+        ranked = sorted(unique.values(), key=lambda s: s.node_id.int ^ target.int)
+        self._claims: dict[NodeId, int] = {}
+        self.paths: list[Lookup] = [
+            _DisjointPath(
+                target,
+                ranked[i::paths],
+                self._claims,
+                i,
+                k=k,
+                alpha=alpha,
+                own_id=own_id,
+                stop_at_first_value=stop_at_first_value,
+            )
+            for i in range(paths)
+        ]
+
+    @property
+    def done(self) -> bool:
+        """Whether every path is done."""
+        return all(p.done for p in self.paths)
+
+    @property
+    def rpcs(self) -> int:
+        """Requests handed out over all paths."""
+        return sum(p.rpcs for p in self.paths)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight over all paths."""
+        return sum(p.in_flight for p in self.paths)
+
+    @property
+    def value_found(self) -> bool:
+        """Whether some node on some path answered with a value."""
+        return any(p.value_found for p in self.paths)
+
+    @property
+    def hops(self) -> int:
+        """Referral-chain length to the closest node that answered on any path (0 if none did)."""
+        result = self.result()
+        return result[0].depth if result else 0
+
+    def result(self) -> list[Candidate]:
+        """The k closest nodes that answered on any path, closest first."""
+        merged = [c for p in self.paths for c in p.result()]
+        merged.sort(key=_by_distance)
+        return merged[: self.k]
+
+    def value_holders(self) -> list[Candidate]:
+        """The nodes that answered with a value on any path, closest first."""
+        merged = [c for p in self.paths for c in p.value_holders()]
+        merged.sort(key=_by_distance)
+        return merged
+
+    def next_requests(self) -> list[Candidate]:
+        """What every path wants to ask now (each path claims its nodes as it hands them out)."""
+        return [c for p in self.paths for c in p.next_requests()]
+
+    def on_reply(
+        self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = (), *, has_value: bool = False
+    ) -> bool:
+        """Pass a reply to the path that asked *node_id*; ``False`` if no path did."""
+        path = self._path_of(node_id)
+        return path is not None and path.on_reply(node_id, contacts, has_value=has_value)
+
+    def on_value(self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = ()) -> bool:
+        """Pass a reply carrying a value to the path that asked *node_id*."""
+        return self.on_reply(node_id, contacts, has_value=True)
+
+    def on_failure(self, node_id: NodeId) -> bool:
+        """Pass a failure to the path that asked *node_id*; ``False`` if no path did."""
+        path = self._path_of(node_id)
+        return path is not None and path.on_failure(node_id)
+
+    def finish(self) -> None:
+        """Stop every path."""
+        for p in self.paths:
+            p.finish()
+
+    def _path_of(self, node_id: NodeId) -> Lookup | None:
+        index = self._claims.get(node_id)
+        return self.paths[index] if index is not None else None
