@@ -143,6 +143,6 @@ def test_timeout_policy_uses_overall_estimate_for_strangers() -> None:
     policy = TimeoutPolicy()
     assert policy.timeout("stranger") == INITIAL_RTO
     for _ in range(20):
-        policy.observe("friend", 0.200)
-    assert policy.timeout("friend") == pytest.approx(0.200 + 4 * policy._peers["friend"].rttvar)
+        policy.observe("friend", 0.400)
+    assert policy.timeout("friend") == pytest.approx(0.400 + 4 * policy._peers["friend"].rttvar)
     assert policy.timeout("friend") < policy.timeout("stranger") <= MAX_RTO
