@@ -62,6 +62,7 @@ __all__ = [
     "encode_packet",
     "encode_rpcudp_request",
     "encode_rpcudp_response",
+    "unpack_strict",
 ]
 
 # --- p2pchat packets ------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def _refuse_ext(code: int, data: bytes) -> NoReturn:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def _unpack(body: bytes) -> object:
+def unpack_strict(body: bytes) -> object:
     """Unpack exactly one msgpack value filling *body*, with every length bounded by the body's own size."""
     size = len(body)
     try:
@@ -135,7 +136,7 @@ def decode_packet(data: bytes, *, max_size: int, registry: PacketRegistry = PACK
     cls = registry.lookup(data[2])
     if cls is None:
         raise ProtocolError(f"unknown packet kind {data[2]}")
-    return from_wire(cls, _unpack(data[P2P_HEADER_SIZE:]))
+    return from_wire(cls, unpack_strict(data[P2P_HEADER_SIZE:]))
 
 
 def encode_datagram(packet: Packet) -> bytes:
@@ -328,7 +329,7 @@ def decode_rpcudp(data: bytes) -> RpcudpRequest | RpcudpResponse:
     if tag not in (RPCUDP_REQUEST, RPCUDP_RESPONSE):
         raise ProtocolError(f"not an rpcudp datagram (first byte 0x{tag:02x})")
     msg_id = bytes(data[1:RPCUDP_HEADER_SIZE])
-    body = _unpack(data[RPCUDP_HEADER_SIZE:])
+    body = unpack_strict(data[RPCUDP_HEADER_SIZE:])
     problem = _rpc_value_problem(body, 0)
     if problem is not None:
         raise ProtocolError(f"rpcudp body: {problem}")

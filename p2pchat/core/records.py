@@ -55,10 +55,11 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, NoReturn, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgpack  # type: ignore[import-untyped]
 
+from p2pchat.core.framing import unpack_strict
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.ids import NODE_ID_BYTES, NodeId
 from p2pchat.core.schema import Bytes, Int, List, Spec, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
@@ -558,10 +559,6 @@ def validate_tombstone(tombstone: Tombstone, mailbox: NodeId, now: float) -> Non
 # --- encoding ---------------------------------------------------------------------------------------------------
 
 
-def _refuse_ext(code: int, data: bytes) -> NoReturn:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
-
-
 def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
     """Decode exactly one msgpack value filling *data* into *cls*; :class:`ProtocolError` for anything else.
 
@@ -573,24 +570,7 @@ def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
     size = len(data)
     if size > max_size:
         raise ProtocolError(f"{cls.__name__} of {size} bytes is over the {max_size}-byte limit")
-    try:
-        wire: Any = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=size,
-            max_str_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
-            max_ext_len=0,
-            ext_hook=_refuse_ext,
-        )
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        # msgpack raises an open set of exception types, all caused by the input: this is the receive boundary.
-        raise ProtocolError(f"malformed msgpack ({type(exc).__name__}: {exc})") from exc
+    wire: Any = unpack_strict(data)
     return from_wire(cls, wire)
 
 
