@@ -21,7 +21,7 @@ import umsgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pchat.core import schema
+from p2pchat.core import packets, schema
 from p2pchat.core.framing import (
     MAX_DATAGRAM_SIZE,
     MAX_RPCUDP_BODY,
@@ -62,6 +62,7 @@ from p2pchat.core.packets import (
     Ping,
     Pong,
 )
+from p2pchat.core.parts import Part
 from p2pchat.core.schema import (
     IP_CACHE_SIZE,
     MAX_PACKET_KIND,
@@ -188,7 +189,22 @@ def _decode_via_stream(payload: bytes) -> Packet:
 
 def test_packet_kind_table_is_stable() -> None:
     # Kinds are wire numbers: changing one breaks every deployed node.
-    assert {cls.KIND: cls for cls in PACKETS} == {1: Ping, 2: Pong, 3: FindNode, 4: Nodes, 5: ErrorReply}
+    expected = {
+        1: Ping,
+        2: Pong,
+        3: FindNode,
+        4: Nodes,
+        5: ErrorReply,
+        6: packets.FindValue,
+        7: packets.Found,
+        8: packets.GetPart,
+        9: packets.PartReply,
+        10: packets.ListEntries,
+        11: packets.EntryIds,
+        12: packets.Store,
+        13: packets.Stored,
+    }
+    assert {cls.KIND: cls for cls in PACKETS} == expected
 
 
 @FAST
@@ -468,7 +484,18 @@ def _example(cls: type[Packet]) -> Packet:
         FindNode: FindNode(txid=TXID, sender=None, target=NODE_ID),
         Nodes: Nodes(txid=TXID, responder=CERT, nodes=(NodeInfo(NODE_ID, "::1", 1),)),
         ErrorReply: ErrorReply(txid=TXID, code=1, message="m"),
+        packets.FindValue: packets.FindValue(TXID, None, NODE_ID, 1),
+        packets.Found: packets.Found(TXID, CERT, (), bytes(16), 3, bytes(16), 0),
+        packets.GetPart: packets.GetPart(TXID, NODE_ID, 2, bytes(16), 0),
+        packets.PartReply: packets.PartReply(TXID, _PART),
+        packets.ListEntries: packets.ListEntries(TXID, NODE_ID, b""),
+        packets.EntryIds: packets.EntryIds(TXID, (bytes(16),), True),
+        packets.Store: packets.Store(TXID, NODE_ID, 1, bytes(16), _PART),
+        packets.Stored: packets.Stored(TXID, True),
     }[cls]
+
+
+_PART = Part(bytes(8), 0, 1, bytes(16), b"chunk")
 
 
 def test_wrong_type_for_every_field_of_every_packet() -> None:

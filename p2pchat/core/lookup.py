@@ -135,6 +135,10 @@ class Lookup:
     answers with a value (find_value); without it, values are noted and the lookup goes on until the k closest
     have answered, which merged gets (mailboxes, records) need.  :meth:`finish` stops it at any time.
 
+    Once the closest live candidate has answered (the lookup has converged), the rest of the k closest are asked
+    all at once rather than alpha at a time -- the Kademlia paper's final round; ``final_round=False`` keeps
+    strict alpha (for comparison).
+
     ``rpcs`` counts the requests handed out so far; ``value_found`` says whether some node answered with a value.
     """
 
@@ -146,12 +150,14 @@ class Lookup:
         "_sorted",
         "_target",
         "alpha",
+        "final_round",
         "k",
         "max_candidates",
         "rpcs",
         "stop_at_first_value",
         "target",
         "value_found",
+        "widened",
     )
 
     def __init__(
@@ -163,6 +169,7 @@ class Lookup:
         alpha: int = ALPHA,
         own_id: NodeId | None = None,
         stop_at_first_value: bool = False,
+        final_round: bool = True,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -175,6 +182,9 @@ class Lookup:
         self.stop_at_first_value = stop_at_first_value
         self.rpcs = 0
         self.value_found = False
+        self.final_round = final_round
+        self.widened = False
+        """Whether the lookup has converged and now asks the k closest at once (see :meth:`_converged`)."""
         self._target = target.int
         self._own = own_id.int if own_id is not None else -1
         self._by_id: dict[NodeId, Candidate] = {}
@@ -246,7 +256,9 @@ class Lookup:
         They count as in flight from here on; report each with :meth:`on_reply`, :meth:`on_value` or
         :meth:`on_failure`.
         """
-        room = self.alpha - self._in_flight
+        if self.final_round and not self.widened and self._converged():
+            self.widened = True
+        room = (self.k if self.widened else self.alpha) - self._in_flight
         if room <= 0 or self._finished:
             return []
         out: list[Candidate] = []
@@ -269,6 +281,18 @@ class Lookup:
         self._in_flight += len(out)
         self.rpcs += len(out)
         return out
+
+    def _converged(self) -> bool:
+        """Whether the closest live candidate has answered: its reply named nobody closer, so the lookup has
+        reached the target's neighbourhood.  From then on every one of the k closest still unasked is asked at
+        once (the Kademlia paper's final round) -- they must all answer before the lookup is done anyway, and
+        asking them alpha at a time would only add round trips."""
+        for c in self._sorted:
+            state = c.state
+            if state is _FAILED or state is _TAKEN:
+                continue
+            return state is _ANSWERED
+        return False
 
     def on_reply(
         self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = (), *, has_value: bool = False

@@ -1,21 +1,28 @@
-"""The DHT node service: routing, node verification, lookups and bootstrap over an RPC transport.
+"""The DHT node service: routing, lookups, signed records, mailboxes and a quota'd store, over one datagram socket.
 
 This is the trio shell around the pure core.  It owns one datagram endpoint; its receive loop answers requests
-synchronously (no task per packet); lookups run their alpha requests as short tasks.  Every contact that enters
-the routing table has proved its node id with a certificate checked from the address it is listed under
-(:mod:`p2pchat.core.nodecert`); contacts named in other nodes' replies are only lookup candidates until they
-answer for themselves.
+synchronously (no task per packet); lookups, fetches and stores run their requests as short tasks.  Every contact
+that enters the routing table has proved its node id with a certificate checked from the address it is listed
+under (:mod:`p2pchat.core.nodecert`); contacts named in other nodes' replies are only lookup candidates until
+they answer for themselves.
 
-Status: ping, find_node, bootstrap, iterative lookups, liveness checks of full buckets and bucket refresh work.
-Records, mailboxes, the durable store and kademlia-package interop build on this (see docs/architecture.md).
+Values travel in two steps so that no datagram exceeds 1280 bytes whatever the value's size: a lookup
+(:class:`~p2pchat.core.packets.FindValue`) collects contacts, write tokens and a summary of what each node holds;
+then the values are fetched (:class:`~p2pchat.core.packets.GetPart`) or stored
+(:class:`~p2pchat.core.packets.Store`) part by part.  A get merges what every node that answered holds and
+checks every signature itself; a put stores at the k closest nodes that answered.  Stored data is handed to new
+close nodes when they appear, owners republish their records, and a get repairs replicas that lag behind.
+The wire protocol is specified in docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import trio
@@ -24,15 +31,76 @@ from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
 from p2pchat.core.lookup import ALPHA, Candidate, Lookup
 from p2pchat.core.nodecert import CERT_REISSUE_AFTER, CertCache, NodeCert, issue_cert
-from p2pchat.core.packets import MAX_NODES_PER_REPLY, FindNode, NodeInfo, Nodes, Ping, Pong
-from p2pchat.core.routing import BUCKET_REFRESH_INTERVAL, K, ObserveOutcome, RoutingTable
+from p2pchat.core.packets import (
+    MAX_ENTRY_IDS_PER_REPLY,
+    MAX_NODES_PER_REPLY,
+    EntryIds,
+    ErrorCode,
+    ErrorReply,
+    FindNode,
+    FindValue,
+    Found,
+    GetPart,
+    ItemSpace,
+    ListEntries,
+    LookupSpace,
+    NodeInfo,
+    Nodes,
+    PartReply,
+    Ping,
+    Pong,
+    Store,
+    Stored,
+)
+from p2pchat.core.parts import TRANSFER_ID_BYTES, Part, Reassembler, blob_digest, make_parts
+from p2pchat.core.ratelimit import RateLimiter, RateLimits
+from p2pchat.core.records import (
+    ConflictingRecordError,
+    MailboxEntry,
+    RecordKind,
+    SignedRecord,
+    StaleRecordError,
+    Tombstone,
+    decode_entry,
+    decode_record,
+    encode_entry,
+    encode_record,
+    encode_tombstone,
+    mailbox_key,
+    merge_records,
+    record_key,
+    validate_entry,
+    validate_record,
+    validate_tombstone,
+)
+from p2pchat.core.routing import BUCKET_REFRESH_INTERVAL, Contact, K, ObserveOutcome, RoutingTable
 from p2pchat.core.schema import Packet
+from p2pchat.core.tokens import WriteTokens
+from p2pchat.dht.compat import CompatService
 from p2pchat.dht.rpc import RequestTimeoutError, RpcTransport
+from p2pchat.dht.store import DeletedEntryError, QuotaExceededError, Space, StoreLimits
+from p2pchat.dht.store import Store as ItemStore
 from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, ProtocolError
 from p2pchat.net.base import Address
 
-__all__ = ["LIVENESS_QUEUE_SIZE", "MAINTENANCE_INTERVAL", "DhtNode", "LookupResult"]
+__all__ = [
+    "FETCH_WINDOW",
+    "HANDOVER_INTERVAL",
+    "LIVENESS_QUEUE_SIZE",
+    "MAINTENANCE_INTERVAL",
+    "MAX_MAILBOX_PAGES",
+    "MAX_PUBLISHED",
+    "MAX_RECENT_STORES",
+    "PART_ATTEMPTS",
+    "REPUBLISH_INTERVAL",
+    "DhtConfig",
+    "DhtNode",
+    "GetResult",
+    "LookupResult",
+    "MailboxResult",
+    "PutResult",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +109,63 @@ LIVENESS_QUEUE_SIZE: Final = 64
 newcomer just waits in the replacement cache."""
 
 MAINTENANCE_INTERVAL: Final = 60.0
-"""Seconds between maintenance passes (stale bucket refresh, certificate renewal)."""
+"""Seconds between maintenance passes (stale bucket refresh, certificate renewal, expiry sweep)."""
 
-_REPLY_TYPES: Final = (Pong, Nodes)
+HANDOVER_INTERVAL: Final = 60.0
+"""Seconds between checks whether new nodes joined the neighbourhood of stored keys (then data is handed over)."""
+
+REPUBLISH_INTERVAL: Final = 3600.0
+"""Seconds between an owner's republishes of the records it put, so they outlive every replica that held them."""
+
+MAX_PUBLISHED: Final = 64
+"""Records this node republishes for their owners (its own peer record and prekey bundle need two)."""
+
+FETCH_WINDOW: Final = 8
+"""Part requests (GetPart or Store) in flight at once to one node for one value."""
+
+PART_ATTEMPTS: Final = 3
+"""Tries per part request before the peer counts as failed for that value."""
+
+MAX_MAILBOX_PAGES: Final = 32
+"""Most :class:`ListEntries` pages read from one node in one fetch (32 * 60 ids covers the per-key quota)."""
+
+MAX_RECENT_STORES: Final = 1024
+"""Finished store transfers remembered, so a retried part of a stored blob gets the same answer."""
+
+MAX_HANDED_PER_KEY: Final = 2 * K
+"""Nodes remembered per key as already holding it (the k closest, and some that were)."""
+
+_REPLY_TYPES: Final = (Pong, Nodes, Found, PartReply, EntryIds, Stored, ErrorReply)
+
+_ITEM_TO_STORE: Final = {
+    ItemSpace.RECORD: Space.RECORD,
+    ItemSpace.ENTRY: Space.ENTRY,
+    ItemSpace.TOMBSTONE: Space.TOMBSTONE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DhtConfig:
+    """How a node behaves; the defaults are for a node on its own IP address."""
+
+    k: int = K
+    alpha: int = ALPHA
+    client_mode: bool = False
+    """Ask but never be asked: for a node that cannot receive unsolicited datagrams.  It is never listed as a
+    contact and stores nothing for others."""
+    store_limits: StoreLimits = field(default_factory=StoreLimits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    compat: bool = True
+    """Serve ``kademlia``-package peers (rpcudp) on the same socket."""
+
+    @classmethod
+    def single_host(cls, **changes: object) -> DhtConfig:
+        """For many nodes sharing one IP address (a benchmark or test on loopback): the per-source quota is raised
+        to the total and the per-source rate limit is off, since every node's traffic comes from the same IP.
+        Whoever uses this must say so next to its figures."""
+        base = cls()
+        limits = replace(base.store_limits, per_source_bytes=base.store_limits.total_bytes)
+        return replace(base, store_limits=limits, rate_limits=RateLimits(rate=None), **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +175,51 @@ class LookupResult:
     contacts: list[Candidate]
     hops: int
     rpcs: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """How a put, append or delete went: ``stored`` replicas confirmed (this node included if it is one)."""
+
+    stored: int
+    asked: int
+    hops: int
+    rpcs: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    """The merged record (``None`` if no node held a valid one), and the evidence."""
+
+    record: SignedRecord | None
+    conflict: bool
+    """The owner signed different contents under the winning sequence number."""
+    invalid: int
+    """Versions fetched that failed validation (forged, expired, under the wrong key)."""
+    holders: int
+    """Nodes that said they hold some version."""
+    hops: int
+    rpcs: int
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxResult:
+    """The valid entries the nodes closest to a mailbox hold (each once), and the cost of finding them."""
+
+    entries: list[MailboxEntry]
+    holders: int
+    invalid: int
+    hops: int
+    rpcs: int
+
+
+class _Fetched:
+    """What one lookup-with-values learned from each node that answered."""
+
+    __slots__ = ("replies",)
+
+    def __init__(self) -> None:
+        self.replies: dict[NodeId, tuple[Candidate, Found]] = {}
 
 
 class DhtNode:
@@ -66,24 +233,36 @@ class DhtNode:
         host: str,
         port: int = 0,
         cert_cache: CertCache | None = None,
-        client_mode: bool = False,
-        k: int = K,
-        alpha: int = ALPHA,
+        config: DhtConfig | None = None,
+        store: ItemStore | None = None,
     ) -> None:
         self.env = env
         self.identity = identity
         self.node_id = identity.public.node_id
         self.host = host
         self.port = port
-        self.client_mode = client_mode
-        self.k = k
-        self.alpha = alpha
+        self.config = config or DhtConfig()
+        self.client_mode = self.config.client_mode
+        self.k = self.config.k
+        self.alpha = self.config.alpha
         self.certs = cert_cache if cert_cache is not None else CertCache()
-        self.routing = RoutingTable(self.node_id, k, now=trio.current_time())
+        now = trio.current_time()
+        self.routing = RoutingTable(self.node_id, self.k, now=now)
+        self.store = store if store is not None else ItemStore(self.node_id, self.config.store_limits)
+        self.tokens = WriteTokens(env.random_bytes, now)
+        self.limiter = RateLimiter(self.config.rate_limits)
+        self.compat = CompatService(self) if self.config.compat else None
+        self._reassembler = Reassembler()
+        self._recent_stores: OrderedDict[tuple[Address, bytes], Packet] = OrderedDict()
         self._transport: RpcTransport | None = None
+        self._nursery: trio.Nursery | None = None
         self._cert: NodeCert | None = None
         self._liveness_send, self._liveness_receive = trio.open_memory_channel[NodeId](LIVENESS_QUEUE_SIZE)
         self.liveness_dropped = 0
+        self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
+        self._handed: dict[tuple[Space, NodeId], set[NodeId]] = {}
+        self._neighbourhood_changed = False
+        self.handovers = 0
 
     # --- running ---------------------------------------------------------------------------------------------
 
@@ -106,31 +285,75 @@ class DhtNode:
             raise RuntimeError("the DHT node is not running")
         return self._cert
 
+    def contacts(self) -> list[Contact]:
+        """Every contact in the routing table (for status pages and tests)."""
+        return list(self.routing)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled."""
         endpoint = await self.env.network.open_datagram(self.host, self.port)
-        self._transport = RpcTransport(self.env, endpoint, self._handle, reply_types=_REPLY_TYPES)
+        self._transport = RpcTransport(
+            self.env,
+            endpoint,
+            self._handle,
+            reply_types=_REPLY_TYPES,
+            compat_handler=self.compat.handle if self.compat is not None else None,
+            limiter=self.limiter,
+        )
         self._renew_cert()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(self._transport.run)
                 nursery.start_soon(self._liveness_checks)
                 nursery.start_soon(self._maintenance)
+                nursery.start_soon(self._republish_loop)
                 task_status.started()
         finally:
+            self._nursery = None
             await endpoint.aclose()
 
     def _renew_cert(self) -> None:
         local = self.transport.local_address
         self._cert = issue_cert(self.identity, local.host, local.port, int(self.env.wall_time()))
 
+    def _spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
     async def _maintenance(self) -> None:
+        last_handover = trio.current_time()
         while True:
             await trio.sleep(MAINTENANCE_INTERVAL * (0.5 + self.env.rng.random()))
+            now = trio.current_time()
             if self.env.wall_time() - self.cert.issued_at > CERT_REISSUE_AFTER:
                 self._renew_cert()
-            for target in self.routing.stale_buckets(trio.current_time(), self.env.rng):
+            self.store.sweep(self.env.wall_time())
+            self._reassembler.expire(now)
+            for target in self.routing.stale_buckets(now, self.env.rng):
                 await self.find_node(target)
+            if self._neighbourhood_changed and now - last_handover >= HANDOVER_INTERVAL:
+                self._neighbourhood_changed = False
+                last_handover = now
+                await self.hand_over()
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await trio.sleep(REPUBLISH_INTERVAL * (0.9 + 0.2 * self.env.rng.random()))
+            await self.republish()
+
+    async def republish(self) -> int:
+        """Put every record this node published again (dropping expired ones); returns how many."""
+        wall = self.env.wall_time()
+        count = 0
+        for key, record in list(self._published.items()):
+            if record.expires_at <= wall:
+                del self._published[key]
+                continue
+            with contextlib.suppress(P2PChatError):
+                await self._put_blob(key, LookupSpace.RECORD, ItemSpace.RECORD, encode_record(record), record.seq)
+                count += 1
+        return count
 
     async def _liveness_checks(self) -> None:
         # A newcomer wants a full bucket's slot: the least recently seen contact there must answer a ping or go.
@@ -159,19 +382,120 @@ class DhtNode:
         if isinstance(packet, Ping):
             return Pong(packet.txid, self.cert, source.host, source.port)
         if isinstance(packet, FindNode):
-            target = NodeId(packet.target)
-            contacts = self.routing.closest(target, MAX_NODES_PER_REPLY)
-            nodes = tuple(NodeInfo(c.node_id.bytes, c.address.host, c.address.port) for c in contacts)
-            return Nodes(packet.txid, self.cert, nodes)
+            return Nodes(packet.txid, self.cert, self._node_infos(NodeId(packet.target)))
+        if isinstance(packet, FindValue):
+            return self._serve_find_value(packet, source)
+        if isinstance(packet, GetPart):
+            return self._serve_get_part(packet)
+        if isinstance(packet, ListEntries):
+            ids, more = self.store.mailbox_ids(
+                NodeId(packet.key), self.env.wall_time(), packet.after, MAX_ENTRY_IDS_PER_REPLY
+            )
+            return EntryIds(packet.txid, tuple(ids), more)
+        if isinstance(packet, Store):
+            return self._serve_store(packet, source)
         return None
+
+    def _node_infos(self, target: NodeId) -> tuple[NodeInfo, ...]:
+        contacts = self.routing.closest(target, MAX_NODES_PER_REPLY)
+        return tuple(NodeInfo(c.node_id.bytes, c.address.host, c.address.port) for c in contacts)
+
+    def _serve_find_value(self, packet: FindValue, source: Address) -> Found:
+        key = NodeId(packet.key)
+        token = self.tokens.issue(source.host, key, trio.current_time())
+        seq: int | None = None
+        digest: bytes | None = None
+        entries = 0
+        if packet.space == LookupSpace.RECORD:
+            item = self.store.record(key, self.env.wall_time())
+            if item is not None:
+                seq, digest = item.seq, item.digest
+        else:
+            entries = self.store.entry_count(key)
+        return Found(packet.txid, self.cert, self._node_infos(key), token, seq, digest, entries)
+
+    def _serve_get_part(self, packet: GetPart) -> Packet:
+        key = NodeId(packet.key)
+        item = self.store.item(_ITEM_TO_STORE[ItemSpace(packet.space)], key, packet.item_id, self.env.wall_time())
+        if item is None:
+            return ErrorReply(packet.txid, int(ErrorCode.NOT_FOUND), "not held")
+        parts = item.parts()
+        if packet.index >= len(parts):
+            return ErrorReply(packet.txid, int(ErrorCode.NOT_FOUND), "no such part")
+        return PartReply(packet.txid, parts[packet.index])
+
+    def _serve_store(self, packet: Store, source: Address) -> Packet:
+        txid = packet.txid
+        if self.client_mode:
+            return ErrorReply(txid, int(ErrorCode.BAD_REQUEST), "client-mode node stores nothing")
+        key = NodeId(packet.key)
+        if not self.tokens.check(packet.token, source.host, key, trio.current_time()):
+            return ErrorReply(txid, int(ErrorCode.BAD_TOKEN), "write token missing or stale")
+        recent_key = (source, packet.part.transfer_id)
+        recent = self._recent_stores.get(recent_key)
+        if recent is not None:
+            return replace(recent, txid=txid)  # type: ignore[type-var]
+        try:
+            blob = self._reassembler.add(source, packet.part, trio.current_time())
+        except ProtocolError as exc:
+            return ErrorReply(txid, int(ErrorCode.INVALID), str(exc)[:100])
+        if blob is None:
+            return Stored(txid, complete=False)
+        space = _ITEM_TO_STORE[ItemSpace(packet.space)]
+        reply: Packet
+        try:
+            self.store.put(space, key, blob, source.host, self.env.wall_time())
+        except QuotaExceededError as exc:
+            reply = ErrorReply(txid, int(ErrorCode.QUOTA), str(exc)[:100])
+        except (StaleRecordError, ConflictingRecordError) as exc:
+            reply = ErrorReply(txid, int(ErrorCode.STALE), str(exc)[:100])
+        except DeletedEntryError as exc:
+            reply = ErrorReply(txid, int(ErrorCode.DELETED), str(exc)[:100])
+        except ProtocolError as exc:
+            reply = ErrorReply(txid, int(ErrorCode.INVALID), str(exc)[:100])
+        else:
+            reply = Stored(txid, complete=True)
+            # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too.
+            handed = self._handed.setdefault((_group(space), key), set())
+            handed.update(c.node_id for c in self.routing.closest(key, self.k))
+        self._recent_stores[recent_key] = reply
+        if len(self._recent_stores) > MAX_RECENT_STORES:
+            self._recent_stores.popitem(last=False)
+        return reply
 
     def _observe(self, node_id: NodeId, address: Address, cert: NodeCert) -> None:
         result = self.routing.observe(node_id, address, trio.current_time(), cert=cert)
-        if result.outcome is ObserveOutcome.CACHED and result.ping_candidate is not None:
+        if result.outcome is ObserveOutcome.ADDED:
+            self._neighbourhood_changed = True
+        elif result.outcome is ObserveOutcome.CACHED and result.ping_candidate is not None:
             try:
                 self._liveness_send.send_nowait(result.ping_candidate.node_id)
             except trio.WouldBlock:
                 self.liveness_dropped += 1
+
+    # --- the kademlia-package compat backend (see p2pchat.dht.compat) ----------------------------------------
+
+    def compat_closest(self, target: NodeId, count: int) -> list[tuple[NodeId, Address]]:
+        """p2pchat contacts closest to *target*, for a ``kademlia`` peer's find_node."""
+        return [(c.node_id, c.address) for c in self.routing.closest(target, count)]
+
+    def compat_get(self, key: bytes, now: float) -> bytes | None:
+        """The packed compat value held under *key*."""
+        return self.store.compat(NodeId(key), now)
+
+    def compat_put(self, key: bytes, packed: bytes, source: Address, now: float) -> bool:
+        """Store a packed compat value; False when a compat quota refuses it."""
+        if self.client_mode:
+            return False
+        try:
+            self.store.put(Space.COMPAT, NodeId(key), packed, source.host, now)
+        except ProtocolError:
+            return False
+        return True
+
+    def wall_time(self) -> float:
+        """This node's wall clock."""
+        return self.env.wall_time()
 
     # --- asking ----------------------------------------------------------------------------------------------
 
@@ -180,12 +504,12 @@ class DhtNode:
         if expected is not None and node_id != expected:
             raise ProtocolError(f"{address} answered for node {node_id!r}, not {expected!r}")
         self._observe(node_id, address, cert)
-        self.routing.request_succeeded(node_id, trio.current_time())
+        self.routing.request_succeeded(node_id, trio.current_time(), address)
         return node_id
 
-    def _failed(self, expected: NodeId | None) -> None:
+    def _failed(self, expected: NodeId | None, address: Address) -> None:
         if expected is not None:
-            self.routing.request_failed(expected, trio.current_time())
+            self.routing.request_failed(expected, trio.current_time(), address)
 
     async def _ask_ping(self, address: Address, *, expected: NodeId | None = None) -> NodeId:
         transport = self.transport
@@ -195,45 +519,38 @@ class DhtNode:
                 raise ProtocolError("a ping was answered with something other than a pong")
             return self._verify_reply(reply.responder, address, expected)
         except (RequestTimeoutError, ProtocolError):
-            self._failed(expected)
+            self._failed(expected, address)
             raise
 
     async def ping(self, address: Address) -> NodeId:
         """Ping ``address``; return the node id it proved.  Raises RequestTimeoutError or ProtocolError."""
         return await self._ask_ping(address)
 
-    async def _ask_find_node(self, address: Address, target: NodeId, expected: NodeId) -> list[tuple[NodeId, Address]]:
+    async def _ask(self, packet: Packet, candidate: Candidate, reply_type: type[Nodes] | type[Found]) -> Nodes | Found:
         transport = self.transport
         try:
-            reply = await transport.request(FindNode(transport.new_txid(), self._sender(), target.bytes), address)
-            if not isinstance(reply, Nodes):
-                raise ProtocolError("find_node was answered with something other than nodes")
-            self._verify_reply(reply.responder, address, expected)
+            reply = await transport.request(packet, candidate.address)
+            if not isinstance(reply, reply_type):
+                raise ProtocolError(f"{type(packet).__name__} was answered with {type(reply).__name__}")
+            self._verify_reply(reply.responder, candidate.address, candidate.node_id)
         except (RequestTimeoutError, ProtocolError):
-            self._failed(expected)
+            self._failed(candidate.node_id, candidate.address)
             raise
-        return [(NodeId(n.node_id), Address(n.host, n.port)) for n in reply.nodes]
+        return reply
 
-    async def find_node(self, target: NodeId) -> LookupResult:
-        """Iteratively find the k nodes closest to ``target`` that answer."""
-        lookup = Lookup(
-            target,
-            self.routing.closest(target, self.k),
-            k=self.k,
-            alpha=self.alpha,
-            own_id=self.node_id,
-        )
+    async def _iterate(
+        self, target: NodeId, ask: Callable[[Candidate], Awaitable[Iterable[tuple[NodeId, Address]]]]
+    ) -> Lookup:
+        lookup = Lookup(target, self.routing.closest(target, self.k), k=self.k, alpha=self.alpha, own_id=self.node_id)
         self.routing.touch_bucket(target, trio.current_time())
         progress = trio.Event()
 
-        async def ask(candidate: Candidate) -> None:
+        async def one(candidate: Candidate) -> None:
             nonlocal progress
             try:
-                contacts = await self._ask_find_node(candidate.address, target, candidate.node_id)
-            except (RequestTimeoutError, ProtocolError):
-                lookup.on_failure(candidate.node_id)
-            except P2PChatError as exc:  # e.g. too many requests in flight: treat as a failure of this path
-                log.debug("find_node to %s failed: %s", candidate.address, exc)
+                contacts = await ask(candidate)
+            except P2PChatError as exc:  # timeout, garbage, or too many requests in flight: this path failed
+                log.debug("lookup request to %s failed: %s", candidate.address, exc)
                 lookup.on_failure(candidate.node_id)
             else:
                 lookup.on_reply(candidate.node_id, contacts)
@@ -242,13 +559,37 @@ class DhtNode:
         async with trio.open_nursery() as nursery:
             while not lookup.done:
                 for candidate in lookup.next_requests():
-                    nursery.start_soon(ask, candidate)
+                    nursery.start_soon(one, candidate)
                 if lookup.done:
                     break
                 await progress.wait()
                 progress = trio.Event()
             nursery.cancel_scope.cancel()
+        return lookup
+
+    async def find_node(self, target: NodeId) -> LookupResult:
+        """Iteratively find the k nodes closest to ``target`` that answer."""
+
+        async def ask(candidate: Candidate) -> list[tuple[NodeId, Address]]:
+            packet = FindNode(self.transport.new_txid(), self._sender(), target.bytes)
+            reply = await self._ask(packet, candidate, Nodes)
+            return [(NodeId(n.node_id), Address(n.host, n.port)) for n in reply.nodes]
+
+        lookup = await self._iterate(target, ask)
         return LookupResult(lookup.result(), lookup.hops, lookup.rpcs)
+
+    async def _find_value(self, key: NodeId, space: LookupSpace) -> tuple[Lookup, _Fetched]:
+        fetched = _Fetched()
+
+        async def ask(candidate: Candidate) -> list[tuple[NodeId, Address]]:
+            packet = FindValue(self.transport.new_txid(), self._sender(), key.bytes, int(space))
+            reply = await self._ask(packet, candidate, Found)
+            assert isinstance(reply, Found)
+            fetched.replies[candidate.node_id] = (candidate, reply)
+            return [(NodeId(n.node_id), Address(n.host, n.port)) for n in reply.nodes]
+
+        lookup = await self._iterate(key, ask)
+        return lookup, fetched
 
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
         """Join the network through ``addresses``: ping each, then look up our own id.
@@ -276,3 +617,359 @@ class DhtNode:
                 if self.routing.bucket_for(target) is not self.routing.bucket_for(self.node_id):
                     await self.find_node(target)
         return answered
+
+    # --- parts -----------------------------------------------------------------------------------------------
+
+    async def _part_request(self, packet_for: Callable[[bytes], Packet], address: Address) -> Packet:
+        """One part request, retried: a lost datagram should not cost the whole value."""
+        transport = self.transport
+        for attempt in range(PART_ATTEMPTS):
+            try:
+                return await transport.request(packet_for(transport.new_txid()), address)
+            except RequestTimeoutError:
+                if attempt == PART_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _fetch_blob(self, address: Address, key: NodeId, space: ItemSpace, item_id: bytes) -> bytes:
+        """Fetch a whole item from one node, part by part; ProtocolError if it sends something inconsistent."""
+
+        def get(index: int) -> Callable[[bytes], Packet]:
+            return lambda txid: GetPart(txid, key.bytes, int(space), item_id, index)
+
+        def part_of(reply: Packet) -> Part:
+            if isinstance(reply, ErrorReply):
+                raise ProtocolError(f"{address} could not send the part: {reply.message}")
+            if not isinstance(reply, PartReply):
+                raise ProtocolError(f"GetPart was answered with {type(reply).__name__}")
+            return reply.part
+
+        first = part_of(await self._part_request(get(0), address))
+        parts: list[Part | None] = [None] * first.total
+        parts[0] = first
+        if first.total > 1:
+            limiter = trio.CapacityLimiter(FETCH_WINDOW)
+
+            async def fetch(index: int) -> None:
+                async with limiter:
+                    parts[index] = part_of(await self._part_request(get(index), address))
+
+            async with trio.open_nursery() as nursery:
+                for index in range(1, first.total):
+                    nursery.start_soon(fetch, index)
+        blob = bytearray()
+        for index, part in enumerate(parts):
+            if part is None or part.index != index or part.total != first.total or part.digest != first.digest:
+                raise ProtocolError(f"{address} sent inconsistent parts")
+            blob += part.chunk
+        if blob_digest(bytes(blob)) != first.digest:
+            raise ProtocolError(f"{address} sent parts that do not match their digest")
+        return bytes(blob)
+
+    async def _store_blob(self, address: Address, key: NodeId, space: ItemSpace, token: bytes, blob: bytes) -> bool:
+        """Store a blob at one node; True once it confirms the whole is stored."""
+        parts = make_parts(blob, self.env.random_bytes(TRANSFER_ID_BYTES))
+        outcome: list[bool] = []
+        limiter = trio.CapacityLimiter(FETCH_WINDOW)
+
+        async def send(part: Part) -> None:
+            async with limiter:
+                if outcome and not outcome[-1]:
+                    return
+                try:
+                    reply = await self._part_request(
+                        lambda txid: Store(txid, key.bytes, int(space), token, part), address
+                    )
+                except P2PChatError:
+                    outcome.append(False)
+                    return
+            if isinstance(reply, Stored):
+                if reply.complete:
+                    outcome.append(True)
+            else:
+                if isinstance(reply, ErrorReply):
+                    log.debug("%s refused a store: %s (%s)", address, ErrorCode(reply.code).name, reply.message)
+                outcome.append(False)
+
+        async with trio.open_nursery() as nursery:
+            for part in parts:
+                nursery.start_soon(send, part)
+        return True in outcome
+
+    async def _store_many(
+        self, targets: list[tuple[Candidate, Found]], key: NodeId, space: ItemSpace, blob: bytes
+    ) -> int:
+        stored = 0
+
+        async def one(candidate: Candidate, found: Found) -> None:
+            nonlocal stored
+            if await self._store_blob(candidate.address, key, space, found.token, blob):
+                stored += 1
+
+        async with trio.open_nursery() as nursery:
+            for candidate, found in targets:
+                nursery.start_soon(one, candidate, found)
+        return stored
+
+    def _among_closest(self, key: NodeId, others: list[Candidate]) -> bool:
+        if self.client_mode:
+            return False
+        if len(others) < self.k:
+            return True
+        return self.node_id.distance(key) < others[-1].node_id.distance(key)
+
+    def _store_locally(self, space: Space, key: NodeId, blob: bytes) -> bool:
+        try:
+            self.store.put(space, key, blob, self.host, self.env.wall_time())
+        except (StaleRecordError, ConflictingRecordError, DeletedEntryError, QuotaExceededError):
+            return False
+        return True
+
+    async def _put_blob(
+        self, key: NodeId, lookup_space: LookupSpace, space: ItemSpace, blob: bytes, seq: int | None = None
+    ) -> PutResult:
+        lookup, fetched = await self._find_value(key, lookup_space)
+        closest = lookup.result()
+        targets: list[tuple[Candidate, Found]] = []
+        already = 0
+        digest = blob_digest(blob)
+        for candidate in closest:
+            found = fetched.replies[candidate.node_id][1]
+            if seq is not None and found.seq is not None and found.seq >= seq:
+                # Holds this record already (same digest), or a newer one: storing ours would be refused.
+                already += found.seq == seq and found.digest == digest
+                continue
+            targets.append((candidate, found))
+        stored = already + await self._store_many(targets, key, space, blob)
+        if self._among_closest(key, closest) and self._store_locally(_ITEM_TO_STORE[space], key, blob):
+            stored += 1
+        return PutResult(stored, len(closest), lookup.hops, lookup.rpcs)
+
+    # --- the API: records --------------------------------------------------------------------------------------
+
+    async def put_record(self, record: SignedRecord) -> PutResult:
+        """Store a signed record at the k nodes closest to its key; this node then republishes it hourly until it
+        expires.  :class:`ValueError` if the record does not validate here and now."""
+        key = record_key(record.kind, record.owner_key)
+        try:
+            validate_record(record, key, self.env.wall_time())
+        except ProtocolError as exc:
+            raise ValueError(f"refusing to publish an invalid record: {exc}") from exc
+        self._published[key] = record
+        self._published.move_to_end(key)
+        while len(self._published) > MAX_PUBLISHED:
+            self._published.popitem(last=False)
+        return await self._put_blob(key, LookupSpace.RECORD, ItemSpace.RECORD, encode_record(record), record.seq)
+
+    async def get_record(self, kind: RecordKind, owner_key: bytes) -> GetResult:
+        """Find the newest valid record of *kind* for *owner_key*: merged from every node that answered the lookup
+        (not the first answer, not a vote), each version's signature checked here.  Replicas found lagging are
+        repaired in the background."""
+        key = record_key(kind, owner_key)
+        lookup, fetched = await self._find_value(key, LookupSpace.RECORD)
+        wall = self.env.wall_time()
+        versions: dict[tuple[int, bytes], list[Candidate]] = {}
+        for candidate, found in fetched.replies.values():
+            if found.seq is not None and found.digest is not None:
+                versions.setdefault((found.seq, found.digest), []).append(candidate)
+        candidates: list[SignedRecord] = []
+        local = self.store.record(key, wall)
+        if local is not None:
+            candidates.append(decode_record(local.blob))
+        invalid = 0
+        winner_seq: int | None = None
+        for (seq, digest), holders in sorted(versions.items(), key=lambda v: (-v[0][0], v[0][1])):
+            if winner_seq is not None and seq < winner_seq:
+                break
+            if local is not None and digest == local.digest:
+                winner_seq = local.seq if winner_seq is None else winner_seq
+                continue
+            record = await self._fetch_version(key, digest, holders)
+            if record is None:
+                invalid += 1
+                continue
+            try:
+                validate_record(record, key, wall)
+            except ProtocolError:
+                invalid += 1
+                continue
+            candidates.append(record)
+            if winner_seq is None:
+                winner_seq = seq
+        merged = merge_records(candidates, key, wall)
+        if merged.record is not None:
+            self._spawn(lambda: self._repair(key, merged.record, lookup.result(), fetched))  # type: ignore[arg-type]
+        return GetResult(
+            merged.record,
+            merged.conflict,
+            invalid + merged.invalid,
+            sum(len(h) for h in versions.values()),
+            lookup.hops,
+            lookup.rpcs,
+        )
+
+    async def _fetch_version(self, key: NodeId, digest: bytes, holders: list[Candidate]) -> SignedRecord | None:
+        for holder in holders:
+            try:
+                blob = await self._fetch_blob(holder.address, key, ItemSpace.RECORD, digest)
+                if blob_digest(blob) != digest:
+                    raise ProtocolError("record does not match the digest its holder announced")
+                return decode_record(blob)
+            except P2PChatError as exc:
+                log.debug("fetching a record from %s failed: %s", holder.address, exc)
+        return None
+
+    async def _repair(self, key: NodeId, record: SignedRecord, closest: list[Candidate], fetched: _Fetched) -> None:
+        lagging = []
+        for candidate in closest:
+            found = fetched.replies[candidate.node_id][1]
+            if found.seq is None or found.seq < record.seq:
+                lagging.append((candidate, found))
+        if lagging:
+            with contextlib.suppress(P2PChatError):
+                await self._store_many(lagging, key, ItemSpace.RECORD, encode_record(record))
+
+    # --- the API: mailboxes ------------------------------------------------------------------------------------
+
+    async def append_entry(self, mailbox: NodeId, entry: MailboxEntry) -> PutResult:
+        """Add *entry* to the mailbox at DHT key *mailbox*, at its k closest nodes.  :class:`ValueError` if the
+        entry does not validate here and now."""
+        try:
+            validate_entry(entry, mailbox, self.env.wall_time())
+        except ProtocolError as exc:
+            raise ValueError(f"refusing to store an invalid entry: {exc}") from exc
+        return await self._put_blob(mailbox, LookupSpace.MAILBOX, ItemSpace.ENTRY, encode_entry(entry))
+
+    async def delete_entries(self, tombstone: Tombstone) -> PutResult:
+        """Delete the entries *tombstone* names from its mailbox at the k closest nodes."""
+        key = mailbox_key(tombstone.mailbox_public_key)
+        try:
+            validate_tombstone(tombstone, key, self.env.wall_time())
+        except ProtocolError as exc:
+            raise ValueError(f"refusing to send an invalid tombstone: {exc}") from exc
+        return await self._put_blob(key, LookupSpace.MAILBOX, ItemSpace.TOMBSTONE, encode_tombstone(tombstone))
+
+    async def fetch_mailbox(self, mailbox: NodeId) -> MailboxResult:
+        """Every valid entry the nodes closest to *mailbox* hold, each once (merged across nodes)."""
+        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
+        wall = self.env.wall_time()
+        holders = [(c, f) for c, f in fetched.replies.values() if f.entries > 0]
+        where: dict[bytes, list[Candidate]] = {}
+
+        async def list_ids(candidate: Candidate) -> None:
+            ids = await self._list_entries(candidate.address, mailbox)
+            for entry_id in ids or ():
+                where.setdefault(entry_id, []).append(candidate)
+
+        async with trio.open_nursery() as nursery:
+            for candidate, _ in holders:
+                nursery.start_soon(list_ids, candidate)
+        entries: dict[bytes, MailboxEntry] = {}
+        local_ids, _ = self.store.mailbox_ids(mailbox, wall, b"", 1 << 30)
+        for entry_id in local_ids:
+            item = self.store.item(Space.ENTRY, mailbox, entry_id, wall)
+            if item is not None:
+                entries[entry_id] = decode_entry(item.blob)
+        invalid = 0
+        limiter = trio.CapacityLimiter(FETCH_WINDOW)
+
+        async def fetch(entry_id: bytes, sources: list[Candidate]) -> None:
+            nonlocal invalid
+            async with limiter:
+                for source in sources:
+                    try:
+                        blob = await self._fetch_blob(source.address, mailbox, ItemSpace.ENTRY, entry_id)
+                        entry = decode_entry(blob)
+                        validate_entry(entry, mailbox, wall)
+                        if entry.entry_id != entry_id:
+                            raise ProtocolError("entry is not the one asked for")
+                    except P2PChatError as exc:
+                        invalid += isinstance(exc, ProtocolError)
+                        continue
+                    entries[entry_id] = entry
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for entry_id, sources in where.items():
+                if entry_id not in entries:
+                    nursery.start_soon(fetch, entry_id, sources)
+        ordered = sorted(entries.values(), key=lambda e: (e.expires_at, e.entry_id))
+        return MailboxResult(ordered, len(holders), invalid, lookup.hops, lookup.rpcs)
+
+    async def _list_entries(self, address: Address, mailbox: NodeId) -> set[bytes] | None:
+        """The entry ids a node holds in *mailbox* (None if it does not answer properly)."""
+        ids: set[bytes] = set()
+        after = b""
+        for _ in range(MAX_MAILBOX_PAGES):
+            try:
+                page = await self._part_request(functools.partial(ListEntries, key=mailbox.bytes, after=after), address)
+            except P2PChatError:
+                return None
+            if not isinstance(page, EntryIds):
+                return None
+            ids.update(page.ids)
+            # Pages must move forward, or a liar could keep us paging forever.
+            if not page.more or not page.ids or page.ids[-1] <= after:
+                break
+            after = page.ids[-1]
+        return ids
+
+    # --- hand-over -----------------------------------------------------------------------------------------------
+
+    async def hand_over(self) -> int:
+        """Give what this node holds to nodes now among the k closest to its key that may not have it (new
+        neighbours); returns how many nodes were given data.  Runs by itself when the neighbourhood changes."""
+        if self.client_mode:
+            return 0
+        given = 0
+        for group, key in self.store.keys():  # noqa: SIM118 - a method, not a dict
+            if group is Space.COMPAT:
+                continue
+            handed = self._handed.setdefault((group, key), set())
+            closest = self.routing.closest(key, self.k)
+            newcomers = [c for c in closest if c.node_id not in handed]
+            for contact in newcomers:
+                if await self._give(contact, group, key):
+                    given += 1
+                    handed.add(contact.node_id)
+            if len(handed) > MAX_HANDED_PER_KEY:
+                current = {c.node_id for c in closest}
+                self._handed[(group, key)] = handed & current
+        self.handovers += given
+        return given
+
+    async def _give(self, contact: Contact, group: Space, key: NodeId) -> bool:
+        wall = self.env.wall_time()
+        candidate = Candidate(contact.node_id, contact.address, 0, 1)
+        space = LookupSpace.RECORD if group is Space.RECORD else LookupSpace.MAILBOX
+        try:
+            reply = await self._ask(
+                FindValue(self.transport.new_txid(), self._sender(), key.bytes, int(space)), candidate, Found
+            )
+        except P2PChatError:
+            return False
+        assert isinstance(reply, Found)
+        if group is Space.RECORD:
+            item = self.store.record(key, wall)
+            if item is None:
+                return True
+            if reply.seq is not None and reply.seq >= item.seq:
+                return True
+            return await self._store_blob(contact.address, key, ItemSpace.RECORD, reply.token, item.blob)
+        # A mailbox: push the entries it lacks and every tombstone (tombstones are few, and must not be missed).
+        held = await self._list_entries(contact.address, key)
+        if held is None:
+            return False
+        ok = True
+        for item in self.store.items_for(Space.ENTRY, key):
+            if item.expires_at <= wall:
+                continue
+            if item.space is Space.ENTRY and item.item_id in held:
+                continue
+            item_space = ItemSpace.ENTRY if item.space is Space.ENTRY else ItemSpace.TOMBSTONE
+            ok &= await self._store_blob(contact.address, key, item_space, reply.token, item.blob)
+        return ok
+
+
+def _group(space: Space) -> Space:
+    return Space.ENTRY if space in (Space.ENTRY, Space.TOMBSTONE) else space

@@ -17,6 +17,7 @@ import outcome
 import trio
 
 from p2pchat.core.framing import DatagramKind, classify_datagram, decode_datagram, encode_datagram
+from p2pchat.core.ratelimit import RateLimiter
 from p2pchat.core.rtt import TimeoutPolicy
 from p2pchat.core.schema import Packet
 from p2pchat.env import Env
@@ -53,6 +54,7 @@ class RpcStats:
     dropped_malformed: int = 0
     dropped_unsolicited: int = 0
     dropped_by_handler: int = 0
+    dropped_rate_limited: int = 0
     compat_served: int = 0
 
 
@@ -76,6 +78,7 @@ class RpcTransport:
         reply_types: tuple[type[Packet], ...],
         compat_handler: CompatHandler | None = None,
         timeouts: TimeoutPolicy | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.env = env
         self.endpoint = endpoint
@@ -83,6 +86,7 @@ class RpcTransport:
         self.compat_handler = compat_handler
         self.reply_types = reply_types
         self.timeouts = timeouts or TimeoutPolicy()
+        self.limiter = limiter
         self.stats = RpcStats()
         self._pending: dict[tuple[bytes, Address], _Pending] = {}
 
@@ -158,6 +162,8 @@ class RpcTransport:
             stats.replies_received += 1
             trio.lowlevel.reschedule(pending.task, outcome.Value(packet))
             return
+        if not self._allowed(source):
+            return
         try:
             reply = self.handler(packet, source)
         except ProtocolError as exc:
@@ -170,18 +176,32 @@ class RpcTransport:
         stats.requests_served += 1
         self.endpoint.send(encode_datagram(reply), source)
 
+    def _allowed(self, source: Address) -> bool:
+        # Requests only: a reply was asked for, and the limit must not make our own lookups fail.
+        if self.limiter is None or self.limiter.allow(source.host, trio.current_time()):
+            return True
+        self.stats.dropped_rate_limited += 1
+        return False
+
     def _on_compat(self, data: bytes, source: Address, kind: DatagramKind) -> None:
         if self.compat_handler is None:
             self.stats.dropped_unsolicited += 1
+            return
+        if kind is not DatagramKind.RPCUDP_REQUEST:
+            self.stats.dropped_unsolicited += 1  # we never ask rpcudp peers anything, so no response is ours
+            return
+        if not self._allowed(source):
             return
         try:
             reply = self.compat_handler(data, source, kind)
         except ProtocolError:
             self.stats.dropped_malformed += 1
             return
-        if reply is not None:
-            self.stats.compat_served += 1
-            self.endpoint.send(reply, source)
+        if reply is None:
+            self.stats.dropped_by_handler += 1
+            return
+        self.stats.compat_served += 1
+        self.endpoint.send(reply, source)
 
     def pending_count(self) -> int:
         """Requests waiting for a reply."""

@@ -1,0 +1,345 @@
+"""Records and mailboxes over the DHT on SimNetwork (virtual time, seeded): every node finds every record, records
+survive dead nodes and the departure of all their first storers, values of 64 KiB travel in parts, write tokens,
+quotas and rate limits hold, forged and stale records lose, lying nodes do not break gets, client mode."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.testing
+
+from p2pchat.core.identity import Identity
+from p2pchat.core.ids import NodeId
+from p2pchat.core.packets import ErrorCode, ErrorReply, FindValue, Found, LookupSpace, NodeInfo, Nodes, Ping, Store
+from p2pchat.core.parts import make_parts
+from p2pchat.core.ratelimit import DEFAULT_BURST
+from p2pchat.core.records import (
+    MAX_VALUE_BYTES,
+    RecordKind,
+    SignedRecord,
+    encode_entry,
+    encode_record,
+    entry_expiry,
+    mailbox_key,
+    make_entry,
+    record_key,
+    sign_record,
+    sign_tombstone,
+)
+from p2pchat.core.schema import Packet
+from p2pchat.core.tokens import TOKEN_ROTATION
+from p2pchat.dht.node import HANDOVER_INTERVAL, REPUBLISH_INTERVAL, DhtConfig, DhtNode
+from p2pchat.dht.rpc import RpcTransport
+from p2pchat.dht.store import Space, StoreLimits
+from p2pchat.env import Env
+from p2pchat.net.base import Address
+from p2pchat.net.sim import SimNetwork, open_sim_network
+
+from dhtsim import LINK, start_nodes
+
+
+def _record(env: Env, owner: Identity, seq: int, value: bytes, ttl: int = 24 * 3600) -> SignedRecord:
+    return sign_record(owner, RecordKind.PEER, seq, int(env.wall_time()) + ttl, value)
+
+
+def _holders(nodes: list[DhtNode], key: NodeId) -> list[DhtNode]:
+    return [n for n in nodes if n.store.record(key, n.env.wall_time()) is not None]
+
+
+async def _raw_client(net: SimNetwork, nursery: trio.Nursery) -> RpcTransport:
+    """A bare transport on its own host: a peer that speaks the protocol by hand (and may lie)."""
+    host = net.add_host()
+    env = Env.simulated(host, 99)
+    endpoint = await host.open_datagram(host.address, 5000)
+    transport = RpcTransport(
+        env, endpoint, lambda packet, source: None, reply_types=(Found, Nodes, ErrorReply, *_reply_types())
+    )
+    await nursery.start(transport.run)
+    return transport
+
+
+def _reply_types() -> tuple[type[Packet], ...]:
+    from p2pchat.core.packets import EntryIds, PartReply, Pong, Stored  # noqa: PLC0415
+
+    return (EntryIds, PartReply, Pong, Stored)
+
+
+async def test_every_node_finds_every_record_even_with_a_fifth_dead(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(11, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 200, seed=11)
+        rng = random.Random(1)
+        owners = [Identity.generate(rng.randbytes) for _ in range(4)]
+        records = {}
+        for i, owner in enumerate(owners):
+            putter = nodes[rng.randrange(len(nodes))]
+            record = _record(putter.env, owner, 1, f"where owner {i} is".encode())
+            put = await putter.put_record(record)
+            assert put.stored >= 19
+            records[owner.public.key] = record
+        for node in nodes:
+            for owner_key, record in records.items():
+                got = await node.get_record(RecordKind.PEER, owner_key)
+                assert got.record == record
+                assert not got.conflict and got.invalid == 0
+        # A mailbox too, then a fifth of the nodes die at once.
+        mailbox = Identity.generate(rng.randbytes)
+        mbox = mailbox_key(mailbox.public.key)
+        entries = [make_entry(mbox, bytes([i]) * 200, entry_expiry(nodes[0].env.wall_time())) for i in range(6)]
+        for i, entry in enumerate(entries):
+            assert (await nodes[i].append_entry(mbox, entry)).stored >= 19
+        dead = set(rng.sample(range(len(nodes)), 40))
+        for index in dead:
+            hosts[index].set_down()
+        alive = [n for i, n in enumerate(nodes) if i not in dead]
+        for _ in range(40):
+            asker = alive[rng.randrange(len(alive))]
+            owner_key, record = rng.choice(list(records.items()))
+            assert (await asker.get_record(RecordKind.PEER, owner_key)).record == record
+        fetched = await alive[0].fetch_mailbox(mbox)
+        assert sorted(e.entry_id for e in fetched.entries) == sorted(e.entry_id for e in entries)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_record_outlives_all_its_first_storers(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(12, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 60, seed=12)
+        rng = random.Random(2)
+        owner = Identity.generate(rng.randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        record = _record(nodes[0].env, owner, 7, b"handed over")
+        await nodes[0].put_record(record)
+        first = {id(n) for n in _holders(nodes, key)}
+        assert len(first) >= 20
+        # Newcomers join; within a hand-over interval or two the storers give them the record.
+        newcomers, _ = await start_nodes(net, nursery, 60, seed=13, bootstrap_from=nodes, certs=nodes[0].certs)
+        await trio.sleep(3 * HANDOVER_INTERVAL)
+        everyone = nodes + newcomers
+        assert sum(n.handovers for n in nodes) > 0
+        for node, host in zip(nodes, hosts, strict=True):
+            if id(node) in first and node is not nodes[0]:
+                host.set_down()
+        live_holders = [n for n in _holders(everyone, key) if id(n) not in first]
+        assert live_holders, "no newcomer was handed the record"
+        got = await newcomers[-1].get_record(RecordKind.PEER, owner.public.key)
+        assert got.record == record
+
+        # Republish: a second record whose storers all die at once, before any hand-over; its owner puts it again.
+        owner2 = Identity.generate(rng.randbytes)
+        key2 = record_key(RecordKind.PEER, owner2.public.key)
+        publisher = newcomers[0]
+        record2 = _record(publisher.env, owner2, 1, b"republished")
+        await publisher.put_record(record2)
+        for node in _holders(everyone, key2):
+            if node is not publisher:
+                net.host_of(node.host).set_down()  # type: ignore[union-attr]
+        asker = next(n for n in newcomers[1:] if n.store.record(key2, n.env.wall_time()) is None and n.routing)
+        assert (await asker.get_record(RecordKind.PEER, owner2.public.key)).record in (None, record2)
+        await trio.sleep(REPUBLISH_INTERVAL * 1.2)
+        got = await asker.get_record(RecordKind.PEER, owner2.public.key)
+        assert got.record == record2
+        nursery.cancel_scope.cancel()
+
+
+async def test_mailbox_append_fetch_delete_and_the_largest_values(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(14, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 50, seed=14)
+        rng = random.Random(3)
+        mailbox = Identity.generate(rng.randbytes)
+        mbox = mailbox_key(mailbox.public.key)
+        wall = nodes[0].env.wall_time()
+        entries = [make_entry(mbox, rng.randbytes(100 + i), entry_expiry(wall)) for i in range(5)]
+        entries.append(make_entry(mbox, rng.randbytes(MAX_VALUE_BYTES), entry_expiry(wall)))  # 65 parts
+        for i, entry in enumerate(entries):
+            assert (await nodes[i].append_entry(mbox, entry)).stored >= 19
+        fetched = await nodes[40].fetch_mailbox(mbox)
+        assert sorted(fetched.entries, key=lambda e: e.entry_id) == sorted(entries, key=lambda e: e.entry_id)
+        assert fetched.holders >= 19 and fetched.invalid == 0
+        tombstone = sign_tombstone(mailbox, [e.entry_id for e in entries[:3]], int(wall))
+        assert (await nodes[40].delete_entries(tombstone)).stored >= 19
+        fetched = await nodes[41].fetch_mailbox(mbox)
+        assert {e.entry_id for e in fetched.entries} == {e.entry_id for e in entries[3:]}
+        # A deleted entry cannot be put back.
+        assert (await nodes[5].append_entry(mbox, entries[0])).stored == 0
+        # A record of the largest size travels in parts, there and back.
+        owner = Identity.generate(rng.randbytes)
+        big = _record(nodes[0].env, owner, 1, rng.randbytes(MAX_VALUE_BYTES))
+        assert (await nodes[1].put_record(big)).stored >= 19
+        assert (await nodes[30].get_record(RecordKind.PEER, owner.public.key)).record == big
+        nursery.cancel_scope.cancel()
+
+
+async def test_stores_need_a_fresh_token_for_this_address_and_key(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(15, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 5, seed=15)
+        target = nodes[0]
+        me, other = await _raw_client(net, nursery), await _raw_client(net, nursery)
+        owner = Identity.generate(random.Random(4).randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        part = make_parts(encode_record(_record(target.env, owner, 1, b"x")), bytes(8))[0]
+
+        async def find(transport: RpcTransport, for_key: NodeId) -> bytes:
+            reply = await transport.request(
+                FindValue(transport.new_txid(), None, for_key.bytes, int(LookupSpace.RECORD)), target.address
+            )
+            assert isinstance(reply, Found)
+            return reply.token
+
+        async def store(transport: RpcTransport, token: bytes, transfer: bytes = bytes(8)) -> Packet:
+            packet = Store(transport.new_txid(), key.bytes, 1, token, part.__class__(transfer, *_rest(part)))
+            return await transport.request(packet, target.address)
+
+        token = await find(me, key)
+        refused = [
+            await store(me, bytes(16)),  # made up
+            await store(other, token),  # someone else's
+            await store(me, await find(me, NodeId(bytes(20)))),  # for another key
+        ]
+        assert all(isinstance(r, ErrorReply) and r.code == ErrorCode.BAD_TOKEN for r in refused)
+        assert target.store.record(key, target.env.wall_time()) is None
+        await trio.sleep(TOKEN_ROTATION + 1)
+        reply = await store(me, token, b"\x01" * 8)  # one rotation later: still good
+        assert not isinstance(reply, ErrorReply)
+        assert target.store.record(key, target.env.wall_time()) is not None
+        await trio.sleep(2 * TOKEN_ROTATION + 1)
+        reply = await store(me, token, b"\x02" * 8)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.BAD_TOKEN
+        nursery.cancel_scope.cancel()
+
+
+def _rest(part: object) -> tuple[object, ...]:
+    return (part.index, part.total, part.digest, part.chunk)  # type: ignore[attr-defined]
+
+
+async def test_quotas_forgeries_and_stale_records_over_the_network(autojump_clock: trio.testing.MockClock) -> None:
+    config = DhtConfig(store_limits=StoreLimits(per_source_bytes=20_000))
+    async with open_sim_network(16, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 5, seed=16, config=config)
+        target = nodes[0]
+        me = await _raw_client(net, nursery)
+        rng = random.Random(5)
+        owner = Identity.generate(rng.randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+
+        async def put(blob: bytes, space: int, under: NodeId) -> Packet:
+            found = await me.request(
+                FindValue(me.new_txid(), None, under.bytes, 1 if space == 1 else 2), target.address
+            )
+            assert isinstance(found, Found)
+            last: Packet | None = None
+            for part in make_parts(blob, rng.randbytes(8)):
+                last = await me.request(Store(me.new_txid(), under.bytes, space, found.token, part), target.address)
+            assert last is not None
+            return last
+
+        def code(reply: Packet) -> int | None:
+            return reply.code if isinstance(reply, ErrorReply) else None
+
+        good = _record(target.env, owner, 5, b"v5")
+        assert code(await put(encode_record(good), 1, key)) is None
+        forged = bytearray(encode_record(_record(target.env, owner, 9, b"v9")))
+        forged[-1] ^= 0x80
+        assert code(await put(bytes(forged), 1, key)) == ErrorCode.INVALID
+        assert code(await put(encode_record(_record(target.env, owner, 4, b"v4")), 1, key)) == ErrorCode.STALE
+        assert code(await put(encode_record(_record(target.env, owner, 5, b"other")), 1, key)) == ErrorCode.STALE
+        stranger = Identity.generate(rng.randbytes)
+        misplaced = _record(target.env, stranger, 10, b"not yours")
+        assert code(await put(encode_record(misplaced), 1, key)) == ErrorCode.INVALID
+        item = target.store.record(key, target.env.wall_time())
+        assert item is not None and item.seq == 5
+        # The per-source quota (20,000 bytes here) is reached, and refusals say so.
+        mbox = mailbox_key(Identity.generate(rng.randbytes).public.key)
+        codes = []
+        for i in range(30):
+            entry = make_entry(mbox, bytes([i]) * 1000, entry_expiry(target.env.wall_time()))
+            codes.append(code(await put(encode_entry(entry), 2, mbox)))
+        assert codes[0] is None and ErrorCode.QUOTA in codes
+        assert target.store.source_bytes(me.local_address.host) <= 20_000
+        nursery.cancel_scope.cancel()
+
+
+class _Liar(DhtNode):
+    """Answers lookups with made-up contacts and claims to hold a newer version of every record it is asked about,
+    which it then serves as garbage."""
+
+    def _handle(self, packet: Packet, source: Address) -> Packet | None:
+        rng = self.env.rng
+        fake = tuple(NodeInfo(rng.randbytes(20), f"10.99.{rng.randrange(256)}.1", 4000) for _ in range(20))
+        if isinstance(packet, FindValue):
+            token = self.tokens.issue(source.host, NodeId(packet.key), trio.current_time())
+            return Found(packet.txid, self.cert, fake, token, 1 << 40, rng.randbytes(16), 0)
+        if isinstance(packet, Ping):
+            return super()._handle(packet, source)
+        if rng.random() < 0.5:
+            return None  # silence
+        return super()._handle(packet, source)
+
+
+async def test_lying_and_silent_nodes_do_not_break_gets(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(17, default_link=LINK) as net, trio.open_nursery() as nursery:
+        honest, _ = await start_nodes(net, nursery, 80, seed=17)
+        await start_nodes(net, nursery, 20, seed=18, bootstrap_from=honest, factory=_Liar)
+        await trio.sleep(600)  # let the liars spread into routing tables
+        rng = random.Random(6)
+        invalid = 0
+        for _ in range(10):
+            owner = Identity.generate(rng.randbytes)
+            record = _record(honest[0].env, owner, 3, rng.randbytes(50))
+            await honest[rng.randrange(80)].put_record(record)
+            got = await honest[rng.randrange(80)].get_record(RecordKind.PEER, owner.public.key)
+            assert got.record == record
+            invalid += got.invalid
+        assert invalid > 0  # the liars' "newer versions" were fetched, checked and refused
+        assert sum(n.transport.stats.timeouts for n in honest) > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_from_one_source_is_rate_limited(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(19, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 10, seed=19)
+        victim = nodes[0]
+        flood = await _raw_client(net, nursery)
+        for _ in range(3000):
+            flood.send(Ping(flood.new_txid(), None), victim.address)
+        await trio.sleep(1)
+        assert victim.transport.stats.dropped_rate_limited >= 3000 - DEFAULT_BURST - 250
+        assert victim.limiter.dropped == victim.transport.stats.dropped_rate_limited
+        # Everyone else is still served.
+        assert await nodes[3].ping(victim.address) == victim.node_id
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_mode_node_asks_but_is_never_listed(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(20, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 30, seed=20)
+        clients, _ = await start_nodes(
+            net, nursery, 1, seed=21, bootstrap_from=nodes, certs=nodes[0].certs, config=DhtConfig(client_mode=True)
+        )
+        client = clients[0]
+        owner = Identity.generate(random.Random(7).randbytes)
+        record = _record(client.env, owner, 1, b"from a client")
+        assert (await client.put_record(record)).stored >= 19
+        assert (await nodes[10].get_record(RecordKind.PEER, owner.public.key)).record == record
+        assert (await client.get_record(RecordKind.PEER, owner.public.key)).record == record
+        await trio.sleep(3600)
+        assert all(node.routing.get(client.node_id) is None for node in nodes)
+        assert len(client.store) == 0
+        assert len(client.routing) > 0
+        assert client.compat_put(bytes(20), b"\x01", client.address, client.env.wall_time()) is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_compat_values_are_kept_apart(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(22, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 3, seed=22)
+        node = nodes[0]
+        owner = Identity.generate(random.Random(8).randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        await node.put_record(_record(node.env, owner, 1, b"signed"))
+        wall = node.env.wall_time()
+        assert node.compat_put(key.bytes, b"\xa5plain", Address("10.7.0.1", 1), wall)
+        assert node.compat_get(key.bytes, wall) == b"\xa5plain"
+        item = node.store.record(key, wall)
+        assert item is not None and item.seq == 1  # the signed record under the same key is untouched
+        assert node.store.items_for(Space.COMPAT, key)[0].blob == b"\xa5plain"
+        nursery.cancel_scope.cancel()
