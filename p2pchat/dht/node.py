@@ -85,6 +85,7 @@ from p2pchat.errors import P2PChatError, ProtocolError
 from p2pchat.net.base import Address
 
 __all__ = [
+    "BOOTSTRAP_ATTEMPTS",
     "FETCH_WINDOW",
     "HANDOVER_INTERVAL",
     "LIVENESS_QUEUE_SIZE",
@@ -125,6 +126,9 @@ FETCH_WINDOW: Final = 8
 
 PART_ATTEMPTS: Final = 3
 """Tries per part request before the peer counts as failed for that value."""
+
+BOOTSTRAP_ATTEMPTS: Final = 3
+"""Pings sent to each bootstrap address before giving up on it (one lost datagram must not leave a node alone)."""
 
 MAX_MAILBOX_PAGES: Final = 32
 """Most :class:`ListEntries` pages read from one node in one fetch (32 * 60 ids covers the per-key quota)."""
@@ -600,12 +604,18 @@ class DhtNode:
 
         async def try_one(address: Address) -> None:
             nonlocal answered
-            try:
-                await self._ask_ping(address)
-            except (RequestTimeoutError, ProtocolError) as exc:
-                log.info("bootstrap node %s did not answer: %s", address, exc)
-            else:
-                answered += 1
+            for attempt in range(BOOTSTRAP_ATTEMPTS):
+                try:
+                    await self._ask_ping(address)
+                except RequestTimeoutError as exc:
+                    if attempt == BOOTSTRAP_ATTEMPTS - 1:
+                        log.info("bootstrap node %s did not answer: %s", address, exc)
+                except ProtocolError as exc:
+                    log.info("bootstrap node %s answered wrongly: %s", address, exc)
+                    return
+                else:
+                    answered += 1
+                    return
 
         async with trio.open_nursery() as nursery:
             for address in addresses:
