@@ -343,3 +343,23 @@ async def test_compat_values_are_kept_apart(autojump_clock: trio.testing.MockClo
         assert item is not None and item.seq == 1  # the signed record under the same key is untouched
         assert node.store.items_for(Space.COMPAT, key)[0].blob == b"\xa5plain"
         nursery.cancel_scope.cancel()
+
+
+class _OddRefuser(DhtNode):
+    """Refuses every store with an error code no version of the protocol defines."""
+
+    def _handle(self, packet: Packet, source: Address) -> Packet | None:
+        if isinstance(packet, Store):
+            return ErrorReply(packet.txid, 60000, "\u00e9" * 100)
+        return super()._handle(packet, source)
+
+
+async def test_unknown_error_codes_are_only_refusals(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(23, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 10, seed=23)
+        await start_nodes(net, nursery, 5, seed=24, bootstrap_from=nodes, certs=nodes[0].certs, factory=_OddRefuser)
+        owner = Identity.generate(random.Random(9).randbytes)
+        put = await nodes[0].put_record(_record(nodes[0].env, owner, 1, b"v"))
+        assert 0 < put.stored < put.asked + 1
+        assert (await nodes[3].get_record(RecordKind.PEER, owner.public.key)).record is not None
+        nursery.cancel_scope.cancel()

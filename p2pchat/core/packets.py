@@ -20,7 +20,7 @@ enters a routing table has proved that it owns its id, from the address it is li
 7     :class:`Found`       contacts, a write token, and a summary of what is held  (reply to FindValue)
 8     :class:`GetPart`     send part ``index`` of the item ``item_id`` under ``key``  (request)
 9     :class:`PartReply`   that part  (reply to GetPart)
-10    :class:`ListEntries` which entry and tombstone ids do you hold in mailbox ``key``, after ``after``?  (request)
+10    :class:`ListEntries` which entry ids do you hold in mailbox ``key``, after ``after``?  (request)
 11    :class:`EntryIds`    these, and whether there are more  (reply to ListEntries)
 12    :class:`Store`       store this part of a blob under ``key`` (needs a write token)  (request)
 13    :class:`Stored`      got it; ``complete`` once the whole blob is in and stored  (reply to Store)
@@ -251,8 +251,8 @@ class Found(Packet):
     is always one datagram whatever the value's size.
 
     Records: ``seq`` and ``digest`` (the blob digest, to ask for with :class:`GetPart`) of the held record, or
-    ``None``; ``entries`` is 0.  Mailboxes: ``entries`` is how many entries and tombstones are held; ``seq`` and
-    ``digest`` are ``None``.
+    ``None``; ``entries`` is 0.  Mailboxes: ``entries`` is how many entries are held (tombstones are not counted:
+    they move by the delete flow and by hand-over); ``seq`` and ``digest`` are ``None``.
     """
 
     txid: _Txid
@@ -291,8 +291,8 @@ class PartReply(Packet):
 @packet(kind=10)
 @dataclass(frozen=True, slots=True)
 class ListEntries(Packet):
-    """Which entry and tombstone ids do you hold in mailbox ``key``, in byte order after ``after`` (empty: from
-    the start)?  Answered with :class:`EntryIds`."""
+    """Which entry ids do you hold in mailbox ``key``, in byte order after ``after`` (empty: from the start)?
+    Answered with :class:`EntryIds`."""
 
     txid: _Txid
     key: _Key
@@ -302,8 +302,8 @@ class ListEntries(Packet):
 @packet(kind=11)
 @dataclass(frozen=True, slots=True)
 class EntryIds(Packet):
-    """Reply to :class:`ListEntries`: ids in byte order, each to fetch with :class:`GetPart` (``space`` ENTRY, or
-    TOMBSTONE if not found as an entry), and whether more follow the last."""
+    """Reply to :class:`ListEntries`: entry ids in byte order, each to fetch with :class:`GetPart` (``space``
+    ENTRY), and whether more follow the last."""
 
     txid: _Txid
     ids: Annotated[

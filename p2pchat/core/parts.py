@@ -60,9 +60,9 @@ PART_PAYLOAD_BYTES: Final = 1024
 """Chunk bytes per part.  A full :class:`Part` encodes to 1058 bytes, which leaves :data:`PART_HEADROOM` bytes of
 a 1280-byte datagram for the packet header and the fields of the packet that carries it (txid, key, token)."""
 
-MAX_BLOB_BYTES: Final = 65536 + 1024
-"""Largest blob carried in parts: a 64 KiB value plus the record, entry or tombstone wrapping around it (under
-200 bytes), rounded up to a whole number of parts."""
+MAX_BLOB_BYTES: Final = 69 * 1024
+"""Largest blob carried in parts: the largest DHT value (68 KiB, :data:`~p2pchat.core.records.MAX_VALUE_BYTES`)
+plus the record, entry or tombstone wrapping around it (under 200 bytes), rounded up to a whole number of parts."""
 
 MAX_PARTS: Final = math.ceil(MAX_BLOB_BYTES / PART_PAYLOAD_BYTES)
 """Most parts in one transfer (65); a part announcing more is refused before anything is buffered."""

@@ -118,8 +118,9 @@ __all__ = [
 
 # --- limits -----------------------------------------------------------------------------------------------------
 
-MAX_VALUE_BYTES: Final = 65536
-"""Largest record value or mailbox entry payload: a 64 KiB message fits, and the store's quotas stay meaningful."""
+MAX_VALUE_BYTES: Final = 68 * 1024
+"""Largest record value or mailbox entry payload: 64 KiB of user data plus 4 KiB for what wraps a message on its
+way (sealed envelope, ratchet header, X3DH initial header), so a 64 KiB message fits in one mailbox entry."""
 
 MAX_SEQ: Final = (1 << 63) - 1
 """Largest sequence number: a signed 64-bit integer, so the store can keep it in an SQLite INTEGER."""

@@ -7,7 +7,8 @@ floods with forged sources, and a token for one key cannot be spent on another.
 
 A token is a keyed BLAKE2b-128 of the IP (packed) and the key under a secret that rotates every
 :data:`TOKEN_ROTATION` seconds; the previous secret is still accepted, so a token lives between one and two
-rotations.  No per-peer state is kept: checking a token costs one hash.
+rotations.  Epochs are fixed windows of the monotonic clock (not counted from the last use), so the bound holds
+however often tokens are asked for.  No per-peer state is kept: checking a token costs one hash.
 """
 
 from __future__ import annotations
@@ -29,30 +30,33 @@ TOKEN_SECRET_BYTES: Final = 32
 """Size of the rotating secret (a BLAKE2b key)."""
 
 TOKEN_ROTATION: Final = 300.0
-"""Seconds between secret rotations: a token is accepted for 5 to 10 minutes after it was issued."""
+"""Length of a secret's epoch: a token is accepted until the end of the epoch after the one it was issued in,
+so for 5 to 10 minutes."""
 
 
 class WriteTokens:
     """Issues and checks write tokens; time is the caller's monotonic clock."""
 
-    __slots__ = ("_current", "_previous", "_random_bytes", "_rotated_at")
+    __slots__ = ("_current", "_epoch", "_previous", "_random_bytes")
 
     def __init__(self, random_bytes: Callable[[int], bytes], now: float) -> None:
         self._random_bytes = random_bytes
+        self._epoch = int(now // TOKEN_ROTATION)
         self._current = random_bytes(TOKEN_SECRET_BYTES)
-        self._previous = self._current
-        self._rotated_at = now
+        self._previous = random_bytes(TOKEN_SECRET_BYTES)
 
     def _rotate(self, now: float) -> None:
-        if now - self._rotated_at >= 2 * TOKEN_ROTATION:
-            # Idle for two rotations: every token issued so far is too old.
-            self._current = self._random_bytes(TOKEN_SECRET_BYTES)
+        # Secrets belong to fixed epochs of TOKEN_ROTATION seconds, so a token's life does not depend on how often
+        # tokens are asked for: issued in epoch e, it is accepted until epoch e + 1 ends.
+        epoch = int(now // TOKEN_ROTATION)
+        if epoch == self._epoch:
+            return
+        if epoch == self._epoch + 1:
             self._previous = self._current
-            self._rotated_at = now
-        elif now - self._rotated_at >= TOKEN_ROTATION:
-            self._previous = self._current
-            self._current = self._random_bytes(TOKEN_SECRET_BYTES)
-            self._rotated_at = now
+        else:
+            self._previous = self._random_bytes(TOKEN_SECRET_BYTES)
+        self._current = self._random_bytes(TOKEN_SECRET_BYTES)
+        self._epoch = epoch
 
     @staticmethod
     def _token(secret: bytes, host: str, key: NodeId) -> bytes:

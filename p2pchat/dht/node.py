@@ -33,6 +33,7 @@ from p2pchat.core.lookup import ALPHA, Candidate, Lookup
 from p2pchat.core.nodecert import CERT_REISSUE_AFTER, CertCache, NodeCert, issue_cert
 from p2pchat.core.packets import (
     MAX_ENTRY_IDS_PER_REPLY,
+    MAX_ERROR_MESSAGE_BYTES,
     MAX_NODES_PER_REPLY,
     EntryIds,
     ErrorCode,
@@ -442,7 +443,7 @@ class DhtNode:
         try:
             blob = self._reassembler.add(source, packet.part, trio.current_time())
         except ProtocolError as exc:
-            return ErrorReply(txid, int(ErrorCode.INVALID), str(exc)[:100])
+            return ErrorReply(txid, int(ErrorCode.INVALID), _hint(exc))
         if blob is None:
             return Stored(txid, complete=False)
         space = _ITEM_TO_STORE[ItemSpace(packet.space)]
@@ -450,13 +451,13 @@ class DhtNode:
         try:
             self.store.put(space, key, blob, source.host, self.env.wall_time())
         except QuotaExceededError as exc:
-            reply = ErrorReply(txid, int(ErrorCode.QUOTA), str(exc)[:100])
+            reply = ErrorReply(txid, int(ErrorCode.QUOTA), _hint(exc))
         except (StaleRecordError, ConflictingRecordError) as exc:
-            reply = ErrorReply(txid, int(ErrorCode.STALE), str(exc)[:100])
+            reply = ErrorReply(txid, int(ErrorCode.STALE), _hint(exc))
         except DeletedEntryError as exc:
-            reply = ErrorReply(txid, int(ErrorCode.DELETED), str(exc)[:100])
+            reply = ErrorReply(txid, int(ErrorCode.DELETED), _hint(exc))
         except ProtocolError as exc:
-            reply = ErrorReply(txid, int(ErrorCode.INVALID), str(exc)[:100])
+            reply = ErrorReply(txid, int(ErrorCode.INVALID), _hint(exc))
         else:
             reply = Stored(txid, complete=True)
             # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too.
@@ -698,7 +699,7 @@ class DhtNode:
                     outcome.append(True)
             else:
                 if isinstance(reply, ErrorReply):
-                    log.debug("%s refused a store: %s (%s)", address, ErrorCode(reply.code).name, reply.message)
+                    log.debug("%s refused a store: code %d (%s)", address, reply.code, reply.message)
                 outcome.append(False)
 
         async with trio.open_nursery() as nursery:
@@ -979,6 +980,11 @@ class DhtNode:
             item_space = ItemSpace.ENTRY if item.space is Space.ENTRY else ItemSpace.TOMBSTONE
             ok &= await self._store_blob(contact.address, key, item_space, reply.token, item.blob)
         return ok
+
+
+def _hint(exc: Exception) -> str:
+    """An exception's text cut to what an ErrorReply carries (bytes, not characters: UTF-8 may be longer)."""
+    return str(exc).encode()[:MAX_ERROR_MESSAGE_BYTES].decode(errors="ignore")
 
 
 def _group(space: Space) -> Space:

@@ -173,8 +173,16 @@ class RpcTransport:
         if reply is None:
             stats.dropped_by_handler += 1
             return
+        try:
+            data = encode_datagram(reply)
+        except ValueError:
+            # Our own bug (a reply that does not encode, e.g. for an address we cannot represent): it must cost
+            # this request, never the receive loop.
+            stats.dropped_by_handler += 1
+            log.exception("could not encode a reply to %s", source)
+            return
         stats.requests_served += 1
-        self.endpoint.send(encode_datagram(reply), source)
+        self.endpoint.send(data, source)
 
     def _allowed(self, source: Address) -> bool:
         # Requests only: a reply was asked for, and the limit must not make our own lookups fail.

@@ -400,10 +400,17 @@ class Store:
         slot = self._slots.get(slot_key)
         old = None if slot is None else slot.items.get((item.space, item.item_id))
         if old is not None and old.blob == item.blob:
+            if item.space is Space.COMPAT and item.expires_at > old.expires_at:
+                # A kademlia peer republishes hourly: the same value again extends its life.
+                old.expires_at = item.expires_at
+                old.stored_at = item.stored_at
+                if persist and self.backend is not None:
+                    self.backend.save(old)
             return False
         if item.space is Space.RECORD and old is not None:
             try:
-                should_replace(decode_record(old.blob), decode_record(item.blob))
+                if not should_replace(decode_record(old.blob), decode_record(item.blob)):
+                    return False  # the same record, encoded differently: keep the blob we advertise
             except ProtocolError:
                 self.stats.refused_stale += 1
                 raise
@@ -553,6 +560,10 @@ class Store:
                 if item.item_id != item_id:
                     raise ProtocolError("row id does not match its blob")
                 item.stored_at = float(stored_at)
+                if space is Space.COMPAT:
+                    item.expires_at = int(stored_at) + COMPAT_TTL
+                    if item.expires_at <= now:
+                        raise ProtocolError("compat value expired")
                 self._insert(item, now, persist=False)
             except (ProtocolError, ValueError) as exc:
                 log.warning("dropping a stored item that no longer validates: %s", exc)
