@@ -115,7 +115,12 @@ class CertCache:
             raise ProtocolError("node certificate is issued in the future")
         if cert.issued_at + CERT_LIFETIME < now:
             raise ProtocolError("node certificate has expired")
-        digest = hashlib.blake2b(cert.signed_bytes() + cert.signature, digest_size=16).digest()
+        # The cache key covers every field (a cheap hash of their raw forms, not the canonical signed bytes, which
+        # cost an address parse on every datagram); any change to a field is a different key, verified afresh.
+        digest = hashlib.blake2b(
+            b"%s|%d|%d|%s|%s" % (cert.host.encode(), cert.port, cert.issued_at, cert.key, cert.signature),
+            digest_size=16,
+        ).digest()
         node_id = self._verified.get(digest)
         if node_id is not None:
             self._verified.move_to_end(digest)

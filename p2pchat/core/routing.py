@@ -75,12 +75,15 @@ MAX_FAILURES: Final = 3
 """Consecutive failed requests after which a contact is bad: no longer offered, and evicted when replaceable."""
 
 BUCKET_REFRESH_INTERVAL: Final = 15 * 60.0
-"""Seconds after which a bucket nobody touched is stale and should be refreshed by a lookup inside it."""
+"""Seconds after which a bucket nobody touched is stale and should be refreshed by a lookup inside it (BEP 5's
+15 minutes; measured: with the Kademlia paper's hour, lookups 4 hours after a fifth of the nodes crashed still
+missed some of the closest live nodes)."""
 
-PING_CANDIDATE_MIN_IDLE: Final = 60.0
-"""Seconds a healthy contact must have been silent before a newcomer gets it pinged.
+PING_CANDIDATE_MIN_IDLE: Final = 15 * 60.0
+"""Seconds a healthy contact must have been silent before a newcomer gets it pinged (BEP 5's "questionable" age).
 
-Without it every newcomer to a full bucket during a busy minute would cost a ping of a contact we just heard from.
+Without it every newcomer to a full bucket would cost a ping of a contact we heard from lately: measured on 2,500
+simulated nodes with 60 s, liveness pings were 58% of all requests and grew faster than the network.
 """
 
 PING_CANDIDATE_TIMEOUT: Final = 30.0

@@ -74,7 +74,7 @@ from p2pchat.core.records import (
     validate_record,
     validate_tombstone,
 )
-from p2pchat.core.routing import BUCKET_REFRESH_INTERVAL, Contact, K, ObserveOutcome, RoutingTable
+from p2pchat.core.routing import Contact, K, ObserveOutcome, RoutingTable
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import WriteTokens
 from p2pchat.dht.compat import CompatService
@@ -546,7 +546,14 @@ class DhtNode:
     async def _iterate(
         self, target: NodeId, ask: Callable[[Candidate], Awaitable[Iterable[tuple[NodeId, Address]]]]
     ) -> Lookup:
-        lookup = Lookup(target, self.routing.closest(target, self.k), k=self.k, alpha=self.alpha, own_id=self.node_id)
+        seeds = self.routing.closest(target, self.k)
+        if len(seeds) < self.k:
+            # Too few contacts in good standing -- typically after this node was offline itself and every request
+            # failed.  Contacts that failed lately are better seeds than none; the lookup sorts them out.
+            seen = {c.node_id for c in seeds}
+            seeds += [c for c in self.routing.closest(target, self.k, exclude_failing=False) if c.node_id not in seen]
+            seeds = seeds[: self.k]
+        lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id)
         self.routing.touch_bucket(target, trio.current_time())
         progress = trio.Event()
 
@@ -622,11 +629,9 @@ class DhtNode:
             for address in addresses:
                 nursery.start_soon(try_one, address)
         if answered:
+            # Our own neighbourhood; farther buckets fill from the traffic that follows and from refreshes.  (Looking
+            # up every far bucket at once cost ~150 requests per join and made a growing network's joins quadratic.)
             await self.find_node(self.node_id)
-            # Fill the farther buckets too, so that lookups from here start well spread.
-            for target in self.routing.stale_buckets(trio.current_time() + BUCKET_REFRESH_INTERVAL, self.env.rng):
-                if self.routing.bucket_for(target) is not self.routing.bucket_for(self.node_id):
-                    await self.find_node(target)
         return answered
 
     # --- parts -----------------------------------------------------------------------------------------------
@@ -850,6 +855,29 @@ class DhtNode:
         except ProtocolError as exc:
             raise ValueError(f"refusing to store an invalid entry: {exc}") from exc
         return await self._put_blob(mailbox, LookupSpace.MAILBOX, ItemSpace.ENTRY, encode_entry(entry))
+
+    async def append_entries(self, mailbox: NodeId, entries: list[MailboxEntry]) -> list[PutResult]:
+        """Add several entries to one mailbox with one lookup (a sender with a backlog for an offline peer).
+        Returns one result per entry, in order.  :class:`ValueError` if an entry does not validate."""
+        wall = self.env.wall_time()
+        for entry in entries:
+            try:
+                validate_entry(entry, mailbox, wall)
+            except ProtocolError as exc:
+                raise ValueError(f"refusing to store an invalid entry: {exc}") from exc
+        if not entries:
+            return []
+        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
+        closest = lookup.result()
+        targets = [(c, fetched.replies[c.node_id][1]) for c in closest]
+        results: list[PutResult] = []
+        for entry in entries:
+            blob = encode_entry(entry)
+            stored = await self._store_many(targets, mailbox, ItemSpace.ENTRY, blob)
+            if self._among_closest(mailbox, closest) and self._store_locally(Space.ENTRY, mailbox, blob):
+                stored += 1
+            results.append(PutResult(stored, len(closest), lookup.hops, lookup.rpcs))
+        return results
 
     async def delete_entries(self, tombstone: Tombstone) -> PutResult:
         """Delete the entries *tombstone* names from its mailbox at the k closest nodes."""

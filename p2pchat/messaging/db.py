@@ -1,0 +1,361 @@
+"""The messenger's durable state: contacts, sessions, prekeys, messages (history and outbox), pending acks.
+
+One SQLite database per node (WAL mode).  Every change that a user or a peer is told about is committed before it
+is announced: a message is in the database before ``send`` returns "queued"; an incoming message, the session
+state that decrypted it, the one-time prekey it consumed and the acknowledgement owed for it are committed in one
+transaction before the acknowledgement leaves.  ``synchronous=NORMAL`` in WAL mode makes each commit durable
+against a crash of the process (kill -9); only a power failure can take back the last commits.
+
+The database is plain synchronous code: each call is a short indexed statement.  Simulations pass ``":memory:"``.
+
+Stored blobs (session states, prekey state) are decoded by their own strict decoders when read, so a corrupt or
+tampered database gives a clear error, never a silently wrong state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from p2pchat.errors import UserError
+
+__all__ = ["SCHEMA_VERSION", "Contact", "ContactStatus", "DatabaseError", "MessageDB", "MessageRow", "MessageState"]
+
+SCHEMA_VERSION: Final = 1
+"""Version of the tables below; a database from another version is refused with a clear error."""
+
+
+class DatabaseError(UserError):
+    """The message database cannot be used (corrupt, from another version, or not a database)."""
+
+
+class MessageState(enum.StrEnum):
+    """Where a message is.  Outgoing: queued -> sent (direct) / stored (n replicas) -> delivered, or failed.
+    Incoming messages are ``received``."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    STORED = "stored"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    RECEIVED = "received"
+
+
+class ContactStatus(enum.StrEnum):
+    """A known identity: a contact, a contact request (wrote to us first), or blocked."""
+
+    CONTACT = "contact"
+    REQUEST = "request"
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A row of the contacts table."""
+
+    key: bytes
+    name: str | None
+    status: ContactStatus
+    added_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A row of the messages table (history and outbox in one)."""
+
+    id: bytes
+    peer: bytes
+    outgoing: bool
+    text: str
+    sent_at: float
+    seq: int
+    state: MessageState
+    replicas: int
+    reason: str | None
+    expires_at: float
+    received_at: float | None
+    wire: bytes | None
+    next_attempt: float | None
+    attempts: int
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS contacts (
+    key BLOB PRIMARY KEY, name TEXT UNIQUE, status TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    peer BLOB PRIMARY KEY, current BLOB NOT NULL, previous BLOB);
+CREATE TABLE IF NOT EXISTS messages (
+    id BLOB PRIMARY KEY, peer BLOB NOT NULL, outgoing INTEGER NOT NULL, text TEXT NOT NULL,
+    sent_at REAL NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL, replicas INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, expires_at REAL NOT NULL, received_at REAL, wire BLOB, next_attempt REAL,
+    attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS messages_outbox ON messages (outgoing, state, next_attempt);
+CREATE INDEX IF NOT EXISTS messages_peer ON messages (peer, sent_at, seq);
+CREATE TABLE IF NOT EXISTS pending_acks (peer BLOB NOT NULL, message_id BLOB NOT NULL,
+    PRIMARY KEY (peer, message_id));
+CREATE TABLE IF NOT EXISTS seen_entries (entry_id BLOB PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS taken_wires (digest BLOB PRIMARY KEY, peer BLOB NOT NULL, message_id BLOB,
+    taken_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_initials (ephemeral BLOB PRIMARY KEY, seen_at REAL NOT NULL);
+"""
+
+_MESSAGE_COLUMNS: Final = (
+    "id, peer, outgoing, text, sent_at, seq, state, replicas, reason, expires_at, received_at, wire, next_attempt,"
+    " attempts"
+)
+
+_OPEN_STATES: Final = (MessageState.QUEUED, MessageState.SENT, MessageState.STORED)
+
+
+def _message(row: tuple[object, ...]) -> MessageRow:
+    (id_, peer, outgoing, text, sent_at, seq, state, replicas, reason, expires_at, received_at, wire, nxt, tries) = row
+    return MessageRow(
+        id=bytes(id_),  # type: ignore[call-overload]
+        peer=bytes(peer),  # type: ignore[call-overload]
+        outgoing=bool(outgoing),
+        text=str(text),
+        sent_at=float(sent_at),  # type: ignore[arg-type]
+        seq=int(seq),  # type: ignore[call-overload]
+        state=MessageState(str(state)),
+        replicas=int(replicas),  # type: ignore[call-overload]
+        reason=None if reason is None else str(reason),
+        expires_at=float(expires_at),  # type: ignore[arg-type]
+        received_at=None if received_at is None else float(received_at),  # type: ignore[arg-type]
+        wire=None if wire is None else bytes(wire),  # type: ignore[call-overload]
+        next_attempt=None if nxt is None else float(nxt),  # type: ignore[arg-type]
+        attempts=int(tries),  # type: ignore[call-overload]
+    )
+
+
+class MessageDB:
+    """The messenger's tables.  Use :meth:`transaction` around every group of changes that must land together."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise DatabaseError(
+                    f"{self.path} is a p2pchat database of version {version}; this p2pchat reads {SCHEMA_VERSION}"
+                )
+            self._depth = 0
+            if version == 0:
+                # executescript() would commit on its own; run the statements inside our transaction instead.
+                with self.transaction():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"{self.path} is not a usable p2pchat database ({exc}); it was left untouched") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); nested calls join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self._db.execute("COMMIT")
+
+    # --- key/value -----------------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> bytes | None:
+        """A blob from the key/value table."""
+        row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, name: str, value: bytes) -> None:
+        """Set a blob in the key/value table."""
+        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (name, value))
+
+    # --- contacts ------------------------------------------------------------------------------------------------
+
+    def contact(self, key: bytes) -> Contact | None:
+        """The contact row for an identity key."""
+        row = self._db.execute("SELECT key, name, status, added_at FROM contacts WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Contact(bytes(row[0]), row[1], ContactStatus(row[2]), float(row[3]))
+
+    def contact_by_name(self, name: str) -> Contact | None:
+        """The contact row with this name."""
+        row = self._db.execute("SELECT key FROM contacts WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self.contact(bytes(row[0]))
+
+    def contacts(self) -> list[Contact]:
+        """Every contact row, by name."""
+        rows = self._db.execute("SELECT key FROM contacts ORDER BY name, key").fetchall()
+        return [c for c in (self.contact(bytes(r[0])) for r in rows) if c is not None]
+
+    def set_contact(self, key: bytes, name: str | None, status: ContactStatus, now: float) -> None:
+        """Insert or update a contact (keeps the original ``added_at``)."""
+        self._db.execute(
+            "INSERT INTO contacts VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET name = excluded.name,"
+            " status = excluded.status",
+            (key, name, str(status), now),
+        )
+
+    def remove_contact(self, key: bytes) -> None:
+        """Forget a contact (its history stays)."""
+        self._db.execute("DELETE FROM contacts WHERE key = ?", (key,))
+
+    # --- sessions ------------------------------------------------------------------------------------------------
+
+    def session(self, peer: bytes) -> tuple[bytes, bytes | None] | None:
+        """The encoded current and previous session records with *peer*."""
+        row = self._db.execute("SELECT current, previous FROM sessions WHERE peer = ?", (peer,)).fetchone()
+        return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+
+    def set_session(self, peer: bytes, current: bytes, previous: bytes | None) -> None:
+        """Store the session records with *peer*."""
+        self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (peer, current, previous))
+
+    # --- messages ------------------------------------------------------------------------------------------------
+
+    def add_message(self, row: MessageRow) -> bool:
+        """Insert a message; False if its id is already there (a duplicate)."""
+        cursor = self._db.execute(
+            f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.id,
+                row.peer,
+                int(row.outgoing),
+                row.text,
+                row.sent_at,
+                row.seq,
+                str(row.state),
+                row.replicas,
+                row.reason,
+                row.expires_at,
+                row.received_at,
+                row.wire,
+                row.next_attempt,
+                row.attempts,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def message(self, message_id: bytes) -> MessageRow | None:
+        """One message by id."""
+        row = self._db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else _message(row)
+
+    def update_message(self, message_id: bytes, **fields: object) -> None:
+        """Set some columns of one message."""
+        allowed = {"state", "replicas", "reason", "wire", "next_attempt", "attempts"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        values = [str(v) if isinstance(v, MessageState) else v for v in fields.values()]
+        self._db.execute(f"UPDATE messages SET {columns} WHERE id = ?", (*values, message_id))
+
+    def history(self, peer: bytes | None = None, limit: int = 1000) -> list[MessageRow]:
+        """Messages with *peer* (or all), oldest first: by the sender's clock, then by the sender's sequence."""
+        if peer is None:
+            rows = self._db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages ORDER BY sent_at, seq LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE peer = ? ORDER BY sent_at, seq LIMIT ?", (peer, limit)
+            ).fetchall()
+        return [_message(r) for r in rows]
+
+    def open_outgoing(self) -> list[MessageRow]:
+        """Outgoing messages not yet delivered or failed, oldest first (the outbox)."""
+        marks = ", ".join("?" for _ in _OPEN_STATES)
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE outgoing = 1 AND state IN ({marks})"
+            " ORDER BY sent_at, seq",
+            tuple(str(s) for s in _OPEN_STATES),
+        ).fetchall()
+        return [_message(r) for r in rows]
+
+    def next_seq(self, peer: bytes) -> int:
+        """The next outgoing sequence number in the conversation with *peer*."""
+        row = self._db.execute("SELECT MAX(seq) FROM messages WHERE peer = ? AND outgoing = 1", (peer,)).fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    # --- acknowledgements owed -----------------------------------------------------------------------------------
+
+    def owe_ack(self, peer: bytes, message_id: bytes) -> None:
+        """Remember that *peer* must be told we have *message_id*."""
+        self._db.execute("INSERT OR IGNORE INTO pending_acks VALUES (?, ?)", (peer, message_id))
+
+    def acks_owed(self) -> dict[bytes, list[bytes]]:
+        """Acknowledgements still to send, by peer."""
+        owed: dict[bytes, list[bytes]] = {}
+        for peer, message_id in self._db.execute("SELECT peer, message_id FROM pending_acks ORDER BY rowid"):
+            owed.setdefault(bytes(peer), []).append(bytes(message_id))
+        return owed
+
+    def acks_sent(self, peer: bytes, message_ids: list[bytes]) -> None:
+        """Forget acknowledgements that have left."""
+        rows = [(peer, m) for m in message_ids]
+        self._db.executemany("DELETE FROM pending_acks WHERE peer = ? AND message_id = ?", rows)
+
+    # --- mailbox entries already taken ---------------------------------------------------------------------------
+
+    def entry_seen(self, entry_id: bytes) -> bool:
+        """Whether a mailbox entry was already processed (its tombstone may not have reached every replica)."""
+        return self._db.execute("SELECT 1 FROM seen_entries WHERE entry_id = ?", (entry_id,)).fetchone() is not None
+
+    def mark_entry_seen(self, entry_id: bytes, expires_at: float) -> None:
+        """Remember a processed mailbox entry until it expires."""
+        self._db.execute("INSERT OR IGNORE INTO seen_entries VALUES (?, ?)", (entry_id, expires_at))
+
+    def forget_seen_entries(self, now: float) -> None:
+        """Drop processed-entry ids whose entries have expired everywhere."""
+        self._db.execute("DELETE FROM seen_entries WHERE expires_at <= ?", (now,))
+
+    # --- ratchet messages already taken ----------------------------------------------------------------------
+
+    def taken_wire(self, digest: bytes) -> tuple[bytes, bytes | None] | None:
+        """``(peer, message id or None for an ack)`` of a ratchet message already taken, by its digest."""
+        row = self._db.execute("SELECT peer, message_id FROM taken_wires WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+
+    def take_wire(self, digest: bytes, peer: bytes, message_id: bytes | None, now: float) -> None:
+        """Remember a ratchet message taken (its key is gone: a resend must be recognised without decrypting)."""
+        self._db.execute("INSERT OR IGNORE INTO taken_wires VALUES (?, ?, ?, ?)", (digest, peer, message_id, now))
+
+    def forget_taken_wires(self, before: float) -> None:
+        """Forget ratchet messages taken before *before* (no sender retries that long)."""
+        self._db.execute("DELETE FROM taken_wires WHERE taken_at < ?", (before,))
+
+    def initial_seen(self, ephemeral: bytes) -> bool:
+        """Whether an X3DH initial header with this ephemeral key already started a session."""
+        return self._db.execute("SELECT 1 FROM seen_initials WHERE ephemeral = ?", (ephemeral,)).fetchone() is not None
+
+    def see_initial(self, ephemeral: bytes, now: float) -> None:
+        """Remember an initial header's ephemeral key, so a replay cannot start the session again."""
+        self._db.execute("INSERT OR IGNORE INTO seen_initials VALUES (?, ?)", (ephemeral, now))
+
+    def forget_initials(self, before: float) -> None:
+        """Forget initial headers seen before *before* (their signed prekeys are gone by then)."""
+        self._db.execute("DELETE FROM seen_initials WHERE seen_at < ?", (before,))

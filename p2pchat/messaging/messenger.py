@@ -1,0 +1,773 @@
+"""The messenger: sessions, delivery (direct or through DHT mailboxes), acknowledgements, outbox and history.
+
+Sending.  ``send`` commits the message (state *queued*) and returns.  A delivery task then, per peer: makes sure a
+session exists (X3DH from the peer's prekey record in the DHT, so the first message works while the peer is
+offline), encrypts each queued message once with the Double Ratchet (ciphertext and ratchet state committed
+together), and tries the direct channel (state *sent*); if that fails, it seals the ratchet message in an
+envelope to the peer's mailbox and appends it to the DHT (state *stored*, with the number of replicas that
+confirmed).  It retries with backoff until the peer's acknowledgement arrives (*delivered*) or the message's
+time to live runs out (*failed*).
+
+Receiving.  A ratchet message arrives on a direct channel or from our mailbox.  One transaction takes it: the
+session step (and the one-time prekey X3DH consumed), the history row (a duplicate id is dropped), and the
+acknowledgement owed.  Only then does the acknowledgement leave -- directly, or sealed in the sender's mailbox.
+Mailbox entries taken are deleted with a tombstone signed by our mailbox key.
+
+Everything is driven by the injected :class:`~p2pchat.env.Env`, so the same code runs on sockets and on
+SimNetwork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from p2pchat.core import envelope, ratchet, x3dh
+from p2pchat.core.identity import Identity, PublicIdentity
+from p2pchat.core.messages import (
+    MAX_ACKS_PER_MESSAGE,
+    MAX_TEXT_BYTES,
+    MESSAGE_ID_BYTES,
+    Content,
+    ContentKind,
+    PeerAddress,
+    PeerInfo,
+    PrekeyInfo,
+    RatchetMessage,
+    SessionRecord,
+    decode,
+    encode,
+)
+from p2pchat.core.records import (
+    MAX_TOMBSTONE_IDS,
+    RecordKind,
+    entry_expiry,
+    mailbox_key,
+    make_entry,
+    sign_record,
+    sign_tombstone,
+)
+from p2pchat.dht.node import DhtNode
+from p2pchat.env import Env
+from p2pchat.errors import P2PChatError, ProtocolError, UserError
+from p2pchat.messaging.channel import Channel, open_channel, serve_channels
+from p2pchat.messaging.db import ContactStatus, MessageDB, MessageRow, MessageState
+from p2pchat.net.base import Address, Listener
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_MESSAGE_TTL",
+    "MAILBOX_FETCH_INTERVAL",
+    "MAX_EVENTS_QUEUED",
+    "MAX_RETRY_INTERVAL",
+    "RECORD_TTL",
+    "DeliveryUpdate",
+    "IncomingMessage",
+    "Messenger",
+    "MessengerStats",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MESSAGE_TTL: Final = 7 * 24 * 3600.0
+"""A message not acknowledged within this many seconds fails (a mailbox entry lives 7 days from when it is
+stored)."""
+
+FIRST_RETRY: Final = 5.0
+"""Base of the retry backoff: attempt n waits FIRST_RETRY * 2**n seconds (jittered), up to MAX_RETRY_INTERVAL."""
+
+MAX_RETRY_INTERVAL: Final = 1800.0
+"""Longest wait between two delivery attempts of one message."""
+
+MAILBOX_FETCH_INTERVAL: Final = 300.0
+"""Seconds between fetches of our own mailbox while things go well (online peers reach us directly; the mailbox
+is for what arrived while we were away, and is fetched at start)."""
+
+MAX_MAILBOX_FETCH_INTERVAL: Final = 600.0
+"""Longest wait between mailbox fetches when fetches keep failing (backoff)."""
+
+CONNECT_TIMEOUT: Final = 5.0
+"""Seconds to connect and finish the channel handshake with a peer."""
+
+ACK_WAIT: Final = 10.0
+"""Seconds a direct send waits for the peer's acknowledgement before also storing the message in its mailbox."""
+
+RECORD_TTL: Final = 24 * 3600
+"""Lifetime of the peer and prekey records we publish (they are republished well before)."""
+
+PUBLISH_INTERVAL: Final = 4 * 3600.0
+"""Seconds between republishing our records (new sequence numbers; prekeys replenished and rotated)."""
+
+PEER_INFO_CACHE_TIME: Final = 300.0
+"""Seconds a peer's record (where to connect) is reused before it is looked up again."""
+
+MAX_CACHED_PEER_INFOS: Final = 1024
+"""Peer records cached at once."""
+
+PREKEY_REPUBLISH_DELAY: Final = 60.0
+"""Seconds after a one-time prekey is used before the bundle is republished without it (so a burst of new
+sessions costs one publish)."""
+
+TAKEN_MEMORY: Final = 30 * 24 * 3600.0
+"""How long the digests of taken ratchet messages and the keys of seen initial headers are kept: longer than any
+message's time to live and any signed prekey's grace period."""
+
+MAX_EVENTS_QUEUED: Final = 1024
+"""Events waiting for the front end; beyond this new ones are dropped and counted (all of it is in the database
+anyway)."""
+
+ONE_TIME_PREKEYS: Final = 50
+"""One-time prekeys kept published."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A new message from a peer (already committed)."""
+
+    message: MessageRow
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    """An outgoing message changed state."""
+
+    message_id: bytes
+    peer: bytes
+    state: MessageState
+    replicas: int
+    reason: str | None
+
+
+@dataclass(slots=True)
+class MessengerStats:
+    """Counters; the ``dropped_*`` ones are bad or unwanted input."""
+
+    sent_direct: int = 0
+    stored_in_mailbox: int = 0
+    received: int = 0
+    duplicates: int = 0
+    dropped_undecryptable: int = 0
+    dropped_blocked: int = 0
+    dropped_events: int = 0
+    mailbox_fetches: int = 0
+
+
+class Messenger:
+    """One user's messaging over a running :class:`~p2pchat.dht.node.DhtNode`."""
+
+    def __init__(self, env: Env, identity: Identity, dht: DhtNode, db: MessageDB, *, host: str, tcp_port: int = 0):
+        self.env = env
+        self.identity = identity
+        self.key = identity.public.key
+        self.dht = dht
+        self.db = db
+        self.host = host
+        self.tcp_port = tcp_port
+        self.stats = MessengerStats()
+        self.mailbox = self._load_mailbox()
+        self.mailbox_key = mailbox_key(self.mailbox.public.key)
+        self._events_send, self.events = trio.open_memory_channel[IncomingMessage | DeliveryUpdate](MAX_EVENTS_QUEUED)
+        self._channels: dict[bytes, Channel] = {}
+        self._wake = trio.Event()
+        self._listener: Listener | None = None
+        self._nursery: trio.Nursery | None = None
+        self._hints: dict[bytes, list[Address]] = {}
+        self._record_seq = int(self.env.wall_time())
+        self._prekeys_changed = trio.Event()
+        self._peer_infos: dict[bytes, tuple[float, PeerInfo | None]] = {}
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+
+    def _load_mailbox(self) -> Identity:
+        with self.db.transaction():
+            seed = self.db.get("mailbox_seed")
+            if seed is None:
+                seed = self.env.random_bytes(32)
+                self.db.put("mailbox_seed", seed)
+            if self.db.get("prekeys") is None:
+                state = x3dh.new_prekeys(self.identity, self.env.random_bytes, self.env.wall_time(), ONE_TIME_PREKEYS)
+                self.db.put("prekeys", x3dh.encode_prekey_state(state))
+        return Identity.from_seed(seed)
+
+    @property
+    def tcp_address(self) -> Address:
+        """Where this messenger accepts direct channels (once running)."""
+        if self._listener is None:
+            raise RuntimeError("the messenger is not running")
+        return self._listener.local_address
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve direct channels, deliver, fetch the mailbox and publish records until cancelled."""
+        self._listener = await self.env.network.open_listener(self.host, self.tcp_port)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(serve_channels, self._listener, self.identity, self.env.random_bytes, self._serve)
+                nursery.start_soon(self._delivery_loop)
+                nursery.start_soon(self._mailbox_loop)
+                nursery.start_soon(self._publish_loop)
+                task_status.started()
+        finally:
+            self._nursery = None
+            for channel in list(self._channels.values()):
+                with contextlib.suppress(Exception):
+                    await channel.aclose()
+            await self._listener.aclose()
+
+    def _emit(self, event: IncomingMessage | DeliveryUpdate) -> None:
+        # Nobody may be reading events (a daemon with no front end attached): never block, never grow.
+        try:
+            self._events_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.stats.dropped_events += 1
+
+    # --- contacts ----------------------------------------------------------------------------------------------
+
+    def add_contact(self, name: str, key: bytes) -> None:
+        """Add (or rename, or accept a request from, or unblock) a contact."""
+        if key == self.key:
+            raise UserError("that is your own address")
+        other = self.db.contact_by_name(name)
+        if other is not None and other.key != key:
+            raise UserError(f"there is already a contact named {name!r}")
+        with self.db.transaction():
+            self.db.set_contact(key, name, ContactStatus.CONTACT, self.env.wall_time())
+
+    def block(self, key: bytes) -> None:
+        """Drop everything from this identity from now on."""
+        with self.db.transaction():
+            contact = self.db.contact(key)
+            self.db.set_contact(key, contact.name if contact else None, ContactStatus.BLOCKED, self.env.wall_time())
+
+    def add_hint(self, key: bytes, address: Address) -> None:
+        """A direct-channel address for *key* learned elsewhere (e.g. on the LAN); tried before the DHT."""
+        hints = self._hints.setdefault(key, [])
+        if address not in hints:
+            hints.insert(0, address)
+            del hints[4:]
+
+    # --- sending -------------------------------------------------------------------------------------------------
+
+    def send(self, peer: bytes, text: str, *, ttl: float = DEFAULT_MESSAGE_TTL) -> MessageRow:
+        """Queue *text* for *peer*: committed to disk before this returns.  Delivery goes on in the background."""
+        if len(text.encode()) > MAX_TEXT_BYTES:
+            raise UserError(f"message too large: {len(text.encode())} bytes, the limit is {MAX_TEXT_BYTES}")
+        if peer == self.key:
+            raise UserError("cannot send a message to yourself")
+        now = self.env.wall_time()
+        with self.db.transaction():
+            row = MessageRow(
+                id=self.env.random_bytes(MESSAGE_ID_BYTES),
+                peer=peer,
+                outgoing=True,
+                text=text,
+                sent_at=now,
+                seq=self.db.next_seq(peer),
+                state=MessageState.QUEUED,
+                replicas=0,
+                reason=None,
+                expires_at=now + ttl,
+                received_at=None,
+                wire=None,
+                next_attempt=trio.current_time(),
+                attempts=0,
+            )
+            self.db.add_message(row)
+        self._wake.set()
+        return row
+
+    async def _delivery_loop(self) -> None:
+        while True:
+            self._wake = trio.Event()
+            await self._deliver_due()
+            # Sleep until the next attempt is due, or something new is queued or owed.
+            due = [r.next_attempt for r in self.db.open_outgoing() if r.next_attempt is not None]
+            wait = MAX_RETRY_INTERVAL if not due else max(0.0, min(due) - trio.current_time())
+            if self.db.acks_owed():
+                wait = min(wait, FIRST_RETRY)
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+
+    async def _deliver_due(self) -> None:
+        now = trio.current_time()
+        wall = self.env.wall_time()
+        open_rows: dict[bytes, list[MessageRow]] = {}
+        due_peers: set[bytes] = set()
+        for row in self.db.open_outgoing():
+            if row.expires_at <= wall:
+                self._set_state(row, MessageState.FAILED, reason="not delivered within its time to live")
+                continue
+            open_rows.setdefault(row.peer, []).append(row)
+            if row.next_attempt is None or row.next_attempt <= now:
+                due_peers.add(row.peer)
+        # When one message to a peer is due, try all of that peer's: one lookup and one connection serve them all,
+        # and their retries fall into step.
+        due = {peer: open_rows[peer] for peer in due_peers}
+        owed = self.db.acks_owed()
+        peers = set(due) | set(owed)
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(peers):
+                nursery.start_soon(self._deliver_to, peer, due.get(peer, []), owed.get(peer, []))
+
+    async def _deliver_to(self, peer: bytes, rows: list[MessageRow], acks: list[bytes]) -> None:
+        try:
+            wires = [await self._wire_for(row) for row in rows]
+        except P2PChatError as exc:
+            log.info("cannot start a session with %s yet: %s", PublicIdentity(peer).address[:16], exc)
+            for row in rows:
+                self._retry_later(row)
+            return
+        ack_wires: list[tuple[list[bytes], bytes]] = []
+        for start in range(0, len(acks), MAX_ACKS_PER_MESSAGE):
+            chunk = acks[start : start + MAX_ACKS_PER_MESSAGE]
+            content = Content(int(ContentKind.ACK), self.env.random_bytes(MESSAGE_ID_BYTES), 0, 0, "", tuple(chunk))
+            ack_wires.append((chunk, self._encrypt(peer, content)))
+        channel = await self._channel_to(peer)
+        if channel is not None:
+            try:
+                for (_, wire) in ack_wires:
+                    await channel.send(wire)
+                for row, wire in zip(rows, wires, strict=True):
+                    await channel.send(wire)
+                    self.stats.sent_direct += 1
+                    if row.state is MessageState.QUEUED:
+                        self._set_state(row, MessageState.SENT)
+                    self._retry_later(row, soon=True)
+                for chunk, _ in ack_wires:
+                    with self.db.transaction():
+                        self.db.acks_sent(peer, chunk)
+                return
+            except (P2PChatError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("direct channel to %s failed: %s", PublicIdentity(peer).address[:16], exc)
+                await self._drop_channel(peer)
+        # No direct path: the peer's mailbox.  A message already stored there stays (entries live as long as the
+        # message may) and is not stored again; later attempts only try the direct path.
+        unstored = [(row, wire) for row, wire in zip(rows, wires, strict=True) if row.state is not MessageState.STORED]
+        info = await self._prekey_info(peer) if ack_wires or unstored else None
+        if info is not None:
+            replicas = await self._store_in_mailbox(info, [wire for _, wire in ack_wires] + [w for _, w in unstored])
+            for (chunk, _), count in zip(ack_wires, replicas, strict=False):
+                if count > 0:
+                    with self.db.transaction():
+                        self.db.acks_sent(peer, chunk)
+            for (row, _), count in zip(unstored, replicas[len(ack_wires) :], strict=True):
+                if count > 0:
+                    self._set_state(row, MessageState.STORED, replicas=count)
+        for row in rows:
+            self._retry_later(row)
+
+    def _retry_later(self, row: MessageRow, *, soon: bool = False) -> None:
+        current = self.db.message(row.id)
+        if current is None or current.state in (MessageState.DELIVERED, MessageState.FAILED):
+            return
+        attempts = current.attempts + 1
+        wait = ACK_WAIT if soon else min(MAX_RETRY_INTERVAL, FIRST_RETRY * 2 ** min(attempts, 20))
+        wait *= 0.8 + 0.4 * self.env.rng.random()
+        with self.db.transaction():
+            self.db.update_message(row.id, attempts=attempts, next_attempt=trio.current_time() + wait)
+
+    def _set_state(self, row: MessageRow, state: MessageState, *, replicas: int = 0, reason: str | None = None) -> None:
+        with self.db.transaction():
+            current = self.db.message(row.id)
+            if current is None or current.state is MessageState.DELIVERED:
+                return
+            self.db.update_message(row.id, state=state, replicas=max(replicas, current.replicas), reason=reason)
+        self._emit(DeliveryUpdate(row.id, row.peer, state, max(replicas, current.replicas), reason))
+
+    async def _wire_for(self, row: MessageRow) -> bytes:
+        """The ratchet message for *row*, encrypted once and kept (a retry resends the same bytes)."""
+        if row.wire is not None:
+            return row.wire
+        await self._ensure_session(row.peer)
+        content = Content(
+            int(ContentKind.TEXT), row.id, row.seq, int(row.sent_at * 1000), row.text, ()
+        )
+        with self.db.transaction():
+            current = self.db.message(row.id)
+            if current is not None and current.wire is not None:
+                return current.wire
+            wire = self._encrypt(row.peer, content)
+            self.db.update_message(row.id, wire=wire)
+        return wire
+
+    # --- sessions ------------------------------------------------------------------------------------------------
+
+    def _records(self, peer: bytes) -> tuple[SessionRecord | None, SessionRecord | None]:
+        stored = self.db.session(peer)
+        if stored is None:
+            return None, None
+        current = decode(SessionRecord, stored[0])
+        previous = None if stored[1] is None else decode(SessionRecord, stored[1])
+        return current, previous
+
+    def _save(self, peer: bytes, current: SessionRecord, previous: SessionRecord | None) -> None:
+        self.db.set_session(peer, encode(current), None if previous is None else encode(previous))
+
+    async def _ensure_session(self, peer: bytes) -> None:
+        if self.db.session(peer) is not None:
+            return
+        info = await self._prekey_info(peer)
+        if info is None:
+            raise P2PChatError("no prekey record found for this peer")
+        bundle = x3dh.decode_bundle(info.bundle)
+        x3dh.validate_bundle(bundle, peer, self.env.wall_time())
+        shared, initial, associated = x3dh.initiate(self.identity, bundle, self.env.random_bytes)
+        state = ratchet.init_sender(shared, bundle.signed_prekey, self.env.random_bytes)
+        initial_bytes = x3dh.encode_initial_header(initial)
+        record = SessionRecord(ratchet.encode_state(state), associated, initial_bytes, None, False)
+        with self.db.transaction():
+            if self.db.session(peer) is None:
+                self._save(peer, record, None)
+
+    def _encrypt(self, peer: bytes, content: Content) -> bytes:
+        """Encrypt with the current session (the caller holds a transaction or this opens one)."""
+        with self.db.transaction():
+            current, previous = self._records(peer)
+            if current is None:
+                raise P2PChatError("no session with this peer")
+            state = ratchet.decode_state(current.ratchet)
+            state, header, ciphertext = ratchet.encrypt(
+                state, encode(content), current.associated_data, self.env.random_bytes
+            )
+            updated = SessionRecord(
+                ratchet.encode_state(state),
+                current.associated_data,
+                current.initial,
+                current.peer_ephemeral,
+                current.answered,
+            )
+            self._save(peer, updated, previous)
+        return encode(RatchetMessage(current.initial, ratchet.encode_header(header), ciphertext))
+
+    def _decrypt(self, sender: bytes, message: RatchetMessage) -> Content:
+        """Decrypt *message* from *sender* and step the session; inside the caller's transaction."""
+        current, previous = self._records(sender)
+        header = ratchet.decode_header(message.header)
+        candidates: list[tuple[str, SessionRecord]] = []
+        fresh: SessionRecord | None = None
+        prekeys_after: bytes | None = None
+        if message.initial is not None:
+            initial = x3dh.decode_initial_header(message.initial)
+            if initial.sender_identity_key != sender:
+                raise ProtocolError("the initial header names another sender")
+            known = [
+                (name, r)
+                for name, r in (("current", current), ("previous", previous))
+                if r is not None and r.peer_ephemeral == initial.ephemeral_key
+            ]
+            if known:
+                candidates.extend(known)
+            elif self.db.initial_seen(initial.ephemeral_key):
+                raise ProtocolError("a replayed initial header (that session was replaced long ago)")
+            else:
+                prekeys = x3dh.decode_prekey_state(_required(self.db.get("prekeys")))
+                prekeys, shared, associated, _ = x3dh.respond(self.identity, prekeys, initial, self.env.wall_time())
+                private, public = x3dh.signed_prekey_pair(prekeys, initial.signed_prekey_id)
+                state = ratchet.init_receiver(shared, private, public)
+                fresh = SessionRecord(ratchet.encode_state(state), associated, None, initial.ephemeral_key, True)
+                candidates.append(("fresh", fresh))
+                prekeys_after = x3dh.encode_prekey_state(prekeys)
+        else:
+            candidates.extend((name, r) for name, r in (("current", current), ("previous", previous)) if r)
+        for name, record in candidates:
+            try:
+                state, plaintext = ratchet.decrypt(
+                    ratchet.decode_state(record.ratchet),
+                    header,
+                    message.ciphertext,
+                    record.associated_data,
+                    self.env.random_bytes,
+                )
+            except ProtocolError:
+                continue
+            content = decode(Content, plaintext)
+            stepped = SessionRecord(
+                ratchet.encode_state(state),
+                record.associated_data,
+                None,  # the peer has answered on this session: no need to attach our initial header any more
+                record.peer_ephemeral,
+                True,
+            )
+            if name == "current":
+                self._save(sender, stepped, previous)
+            elif name == "previous":
+                assert current is not None
+                self._save(sender, current, stepped)
+            else:
+                # A session the peer started.  If we started one too and the peer has not answered it, both sides
+                # keep the session started by the lower identity key, so they converge on one.
+                if current is not None and not current.answered and self.key < sender:
+                    self._save(sender, current, stepped)
+                else:
+                    self._save(sender, stepped, current)
+                if prekeys_after is not None:
+                    self.db.put("prekeys", prekeys_after)  # the one-time prekey is used up, in this transaction
+                    self._prekeys_changed.set()
+                assert record.peer_ephemeral is not None
+                self.db.see_initial(record.peer_ephemeral, self.env.wall_time())
+            return content
+        raise ProtocolError("no session could decrypt this message")
+
+    # --- receiving -----------------------------------------------------------------------------------------------
+
+    def _take(self, sender: bytes, wire: bytes, entry: tuple[bytes, float] | None = None) -> bool:
+        """Take one ratchet message from *sender*, in one transaction.  Returns whether an ack is now owed."""
+        contact = self.db.contact(sender)
+        if contact is not None and contact.status is ContactStatus.BLOCKED:
+            self.stats.dropped_blocked += 1
+            if entry is not None:
+                with self.db.transaction():
+                    self.db.mark_entry_seen(*entry)
+            return False
+        events: list[IncomingMessage | DeliveryUpdate] = []
+        digest = hashlib.blake2b(wire, digest_size=16).digest()
+        taken = self.db.taken_wire(digest)
+        if taken is not None:
+            # A resend of what we already took (its key is spent, so it would not decrypt): the sender did not get
+            # our acknowledgement.  Owe it again.
+            with self.db.transaction():
+                if entry is not None:
+                    self.db.mark_entry_seen(*entry)
+                if taken[0] == sender and taken[1] is not None:
+                    self.db.owe_ack(sender, taken[1])
+            self.stats.duplicates += 1
+            self._wake.set()
+            return taken[1] is not None
+        try:
+            with self.db.transaction():
+                if entry is not None:
+                    self.db.mark_entry_seen(*entry)
+                content = self._decrypt(sender, decode(RatchetMessage, wire))
+                text_id = content.message_id if content.kind == ContentKind.TEXT else None
+                self.db.take_wire(digest, sender, text_id, self.env.wall_time())
+                if contact is None:
+                    self.db.set_contact(sender, None, ContactStatus.REQUEST, self.env.wall_time())
+                if content.kind == ContentKind.TEXT:
+                    row = MessageRow(
+                        id=content.message_id,
+                        peer=sender,
+                        outgoing=False,
+                        text=content.text,
+                        sent_at=content.sent_at / 1000,
+                        seq=content.seq,
+                        state=MessageState.RECEIVED,
+                        replicas=0,
+                        reason=None,
+                        expires_at=math.inf,
+                        received_at=self.env.wall_time(),
+                        wire=None,
+                        next_attempt=None,
+                        attempts=0,
+                    )
+                    if self.db.add_message(row):
+                        self.stats.received += 1
+                        events.append(IncomingMessage(row))
+                    else:
+                        self.stats.duplicates += 1
+                    self.db.owe_ack(sender, content.message_id)
+                else:
+                    for message_id in content.acks:
+                        acked = self.db.message(message_id)
+                        if (
+                            acked is not None
+                            and acked.outgoing
+                            and acked.peer == sender
+                            and acked.state is not MessageState.DELIVERED
+                        ):
+                            self.db.update_message(message_id, state=MessageState.DELIVERED, next_attempt=None)
+                            events.append(
+                                DeliveryUpdate(message_id, sender, MessageState.DELIVERED, acked.replicas, None)
+                            )
+        except ProtocolError as exc:
+            self.stats.dropped_undecryptable += 1
+            log.info("dropped a message that does not decrypt: %s", exc)
+            if entry is not None:
+                with self.db.transaction():
+                    self.db.mark_entry_seen(*entry)
+            return False
+        for event in events:
+            self._emit(event)
+        if content.kind == ContentKind.TEXT:
+            self._wake.set()
+            return True
+        return False
+
+    async def _serve(self, channel: Channel) -> None:
+        """Read ratchet messages from an incoming (or outgoing) channel until it closes."""
+        peer = channel.peer.key
+        if peer not in self._channels:
+            self._channels[peer] = channel
+        try:
+            while True:
+                try:
+                    wire = await channel.receive()
+                except (trio.EndOfChannel, P2PChatError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                self._take(peer, wire)
+        finally:
+            if self._channels.get(peer) is channel:
+                del self._channels[peer]
+            with contextlib.suppress(Exception):
+                await channel.aclose()
+
+    async def _channel_to(self, peer: bytes) -> Channel | None:
+        existing = self._channels.get(peer)
+        if existing is not None:
+            return existing
+        addresses = list(self._hints.get(peer, []))
+        info = await self._peer_info(peer)
+        if info is not None:
+            addresses += [Address(a.host, a.port) for a in info.addresses if Address(a.host, a.port) not in addresses]
+        for address in addresses:
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                try:
+                    stream = await self.env.network.connect(address)
+                    channel = await open_channel(
+                        stream, self.identity, self.env.random_bytes, initiator=True, expected_peer=peer
+                    )
+                except (P2PChatError, OSError, trio.BrokenResourceError) as exc:
+                    log.debug("no direct channel to %s: %s", address, exc)
+                    continue
+                self._channels[peer] = channel
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._serve, channel)
+                return channel
+        self._peer_infos.pop(peer, None)  # none answered: look the record up afresh next time (it may have moved)
+        return None
+
+    async def _drop_channel(self, peer: bytes) -> None:
+        channel = self._channels.pop(peer, None)
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.aclose()
+
+    # --- the DHT side --------------------------------------------------------------------------------------------
+
+    async def _peer_info(self, peer: bytes) -> PeerInfo | None:
+        cached = self._peer_infos.get(peer)
+        if cached is not None and cached[0] > trio.current_time():
+            return cached[1]
+        info: PeerInfo | None = None
+        with contextlib.suppress(P2PChatError):
+            got = await self.dht.get_record(RecordKind.PEER, peer)
+            if got.record is not None:
+                info = decode(PeerInfo, got.record.value)
+        if len(self._peer_infos) >= MAX_CACHED_PEER_INFOS:
+            self._peer_infos.pop(next(iter(self._peer_infos)))
+        self._peer_infos[peer] = (trio.current_time() + PEER_INFO_CACHE_TIME, info)
+        return info
+
+    async def _prekey_info(self, peer: bytes) -> PrekeyInfo | None:
+        try:
+            got = await self.dht.get_record(RecordKind.PREKEYS, peer)
+        except P2PChatError:
+            return None
+        if got.record is None:
+            return None
+        try:
+            return decode(PrekeyInfo, got.record.value)
+        except ProtocolError:
+            return None
+
+    async def _store_in_mailbox(self, info: PrekeyInfo, wires: list[bytes]) -> list[int]:
+        """Seal each wire to the peer's mailbox and append them all (one lookup); replicas per wire."""
+        key = mailbox_key(info.mailbox_key)
+        expires = entry_expiry(self.env.wall_time())
+        entries = [
+            make_entry(key, envelope.seal(self.identity, info.mailbox_key, wire, self.env.random_bytes), expires)
+            for wire in wires
+        ]
+        try:
+            results = await self.dht.append_entries(key, entries)
+        except P2PChatError as exc:
+            log.info("could not store in a mailbox: %s", exc)
+            return [0] * len(wires)
+        self.stats.stored_in_mailbox += sum(r.stored > 0 for r in results)
+        return [r.stored for r in results]
+
+    async def publish(self) -> None:
+        """Publish our peer record (where to connect) and prekey record (bundle and mailbox key)."""
+        wall = self.env.wall_time()
+        with self.db.transaction():
+            prekeys = x3dh.decode_prekey_state(_required(self.db.get("prekeys")))
+            prekeys = x3dh.rotate_signed_prekey(prekeys, self.identity, self.env.random_bytes, wall)
+            prekeys = x3dh.replenish(prekeys, self.env.random_bytes, ONE_TIME_PREKEYS)
+            self.db.put("prekeys", x3dh.encode_prekey_state(prekeys))
+        bundle = x3dh.bundle_for(prekeys, self.identity, wall)
+        self._record_seq = max(self._record_seq + 1, int(wall))
+        expires = int(wall) + RECORD_TTL
+        address = self.tcp_address
+        peer_value = encode(PeerInfo((PeerAddress(address.host, address.port),)))
+        prekey_value = encode(PrekeyInfo(x3dh.encode_bundle(bundle), self.mailbox.public.key))
+        for kind, value in ((RecordKind.PEER, peer_value), (RecordKind.PREKEYS, prekey_value)):
+            record = sign_record(self.identity, kind, self._record_seq, expires, value)
+            with contextlib.suppress(P2PChatError):
+                await self.dht.put_record(record)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            self._prekeys_changed = trio.Event()
+            await self.publish()
+            with trio.move_on_after(PUBLISH_INTERVAL * (0.9 + 0.2 * self.env.rng.random())):
+                await self._prekeys_changed.wait()
+                # A one-time prekey was used: publish a bundle without it soon (batched: many may go at once).
+                await trio.sleep(PREKEY_REPUBLISH_DELAY)
+
+    async def fetch_mailbox(self) -> int:
+        """Fetch our mailbox now: take every new entry, then delete what was taken.  Returns entries taken."""
+        self.stats.mailbox_fetches += 1
+        result = await self.dht.fetch_mailbox(self.mailbox_key)
+        taken: list[bytes] = []
+        for entry in result.entries:
+            if self.db.entry_seen(entry.entry_id):
+                taken.append(entry.entry_id)
+                continue
+            try:
+                sender, wire = envelope.open_envelope(self.mailbox, entry.payload)
+            except ProtocolError:
+                self.stats.dropped_undecryptable += 1
+                with self.db.transaction():
+                    self.db.mark_entry_seen(entry.entry_id, entry.expires_at)
+                taken.append(entry.entry_id)
+                continue
+            self._take(sender.key, wire, (entry.entry_id, float(entry.expires_at)))
+            taken.append(entry.entry_id)
+        await self._delete(taken)
+        wall = self.env.wall_time()
+        with self.db.transaction():
+            self.db.forget_seen_entries(wall)
+            self.db.forget_taken_wires(wall - TAKEN_MEMORY)
+            self.db.forget_initials(wall - TAKEN_MEMORY)
+        return len(taken)
+
+    async def _delete(self, entry_ids: Iterable[bytes]) -> None:
+        ids = list(entry_ids)
+        for start in range(0, len(ids), MAX_TOMBSTONE_IDS):
+            tombstone = sign_tombstone(self.mailbox, ids[start : start + MAX_TOMBSTONE_IDS], int(self.env.wall_time()))
+            with contextlib.suppress(P2PChatError):
+                await self.dht.delete_entries(tombstone)
+
+    async def _mailbox_loop(self) -> None:
+        interval = MAILBOX_FETCH_INTERVAL
+        while True:
+            try:
+                await self.fetch_mailbox()
+                interval = MAILBOX_FETCH_INTERVAL
+            except P2PChatError as exc:
+                log.info("mailbox fetch failed: %s", exc)
+                interval = min(MAX_MAILBOX_FETCH_INTERVAL, interval * 2)
+            await trio.sleep(interval * (0.8 + 0.4 * self.env.rng.random()))
+
+
+def _required(value: bytes | None) -> bytes:
+    if value is None:
+        raise P2PChatError("the messenger's prekey state is missing from its database")
+    return value
+

@@ -1,0 +1,123 @@
+"""The Node: one user's p2pchat, composed of identity, DHT, sessions, messaging and storage.
+
+It runs unchanged on real sockets (``Env.real()``) and on SimNetwork (``Env.simulated(host, seed)``).  With a
+``home`` directory its state lives in SQLite files there (``dht.sqlite``: what the node holds for others;
+``messages.sqlite``: contacts, sessions, history and outbox); without one everything is in memory (simulations).
+
+Use it as ``await nursery.start(node.run)``, then ``await node.bootstrap([...])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import trio
+
+from p2pchat.core.identity import Identity, PublicIdentity
+from p2pchat.core.nodecert import CertCache
+from p2pchat.dht.node import DhtConfig, DhtNode
+from p2pchat.dht.store import SqliteBackend, Store
+from p2pchat.env import Env
+from p2pchat.errors import UserError
+from p2pchat.messaging.db import MessageDB, MessageRow
+from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage, Messenger
+from p2pchat.net.base import Address
+
+__all__ = ["DHT_DB_NAME", "MESSAGES_DB_NAME", "Node"]
+
+DHT_DB_NAME = "dht.sqlite"
+"""File in the home directory holding what this node stores for others."""
+
+MESSAGES_DB_NAME = "messages.sqlite"
+"""File in the home directory holding contacts, sessions, history and the outbox."""
+
+
+class Node:
+    """A whole p2pchat node for one identity."""
+
+    def __init__(
+        self,
+        env: Env,
+        identity: Identity,
+        *,
+        host: str,
+        udp_port: int = 0,
+        tcp_port: int = 0,
+        home: Path | None = None,
+        dht_config: DhtConfig | None = None,
+        cert_cache: CertCache | None = None,
+    ) -> None:
+        self.env = env
+        self.identity = identity
+        config = dht_config or DhtConfig()
+        node_id = identity.public.node_id
+        if home is not None:
+            home.mkdir(parents=True, exist_ok=True)
+            backend = SqliteBackend(home / DHT_DB_NAME)
+            store = Store(node_id, config.store_limits, backend, now=env.wall_time())
+            db = MessageDB(home / MESSAGES_DB_NAME)
+        else:
+            store = Store(node_id, config.store_limits)
+            db = MessageDB(":memory:")
+        self.store = store
+        self.db = db
+        self.dht = DhtNode(env, identity, host=host, port=udp_port, cert_cache=cert_cache, config=config, store=store)
+        self.messenger = Messenger(env, identity, self.dht, db, host=host, tcp_port=tcp_port)
+
+    @property
+    def address(self) -> str:
+        """This user's p2pchat address."""
+        return self.identity.public.address
+
+    @property
+    def key(self) -> bytes:
+        """This user's identity key."""
+        return self.identity.public.key
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[IncomingMessage | DeliveryUpdate]:
+        """Incoming messages and delivery updates, as they happen."""
+        return self.messenger.events
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the DHT and the messenger until cancelled; then close the databases."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.dht.run)
+                await nursery.start(self.messenger.run)
+                task_status.started()
+        finally:
+            self.store.close()
+            self.db.close()
+
+    async def bootstrap(self, addresses: Iterable[Address]) -> int:
+        """Join the DHT through *addresses* and publish our records; returns how many answered."""
+        answered = await self.dht.bootstrap(addresses)
+        if answered:
+            await self.messenger.publish()
+        return answered
+
+    def _peer_key(self, peer: str | bytes) -> bytes:
+        if isinstance(peer, bytes):
+            return peer
+        contact = self.db.contact_by_name(peer)
+        if contact is not None:
+            return contact.key
+        if peer.startswith("p2p1"):
+            return PublicIdentity.from_address(peer).key
+        raise UserError(f"unknown contact {peer!r}; add it first with its address")
+
+    def add_contact(self, name: str, address_or_key: str | bytes) -> bytes:
+        """Add a contact by address (``p2p1...``) or key; returns the key."""
+        key = address_or_key if isinstance(address_or_key, bytes) else PublicIdentity.from_address(address_or_key).key
+        self.messenger.add_contact(name, key)
+        return key
+
+    def send(self, peer: str | bytes, text: str) -> MessageRow:
+        """Queue a message to a contact name, address or key; it is on disk when this returns."""
+        return self.messenger.send(self._peer_key(peer), text)
+
+    def history(self, peer: str | bytes | None = None) -> list[MessageRow]:
+        """Messages with *peer* (or everyone), oldest first."""
+        return self.db.history(None if peer is None else self._peer_key(peer))

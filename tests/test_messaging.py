@@ -1,0 +1,232 @@
+"""Messaging end to end on SimNetwork (virtual time, seeded): direct delivery, offline delivery through DHT
+mailboxes, acknowledgements that wait for an offline sender, restarts, and bad envelopes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pchat.core import envelope
+from p2pchat.core.identity import Identity
+from p2pchat.core.messages import MAX_TEXT_BYTES
+from p2pchat.core.nodecert import CertCache
+from p2pchat.core.records import entry_expiry, make_entry
+from p2pchat.dht.node import DhtNode
+from p2pchat.env import Env
+from p2pchat.errors import UserError
+from p2pchat.messaging.db import ContactStatus, MessageState
+from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage
+from p2pchat.net.sim import SimHost, SimNetwork, open_sim_network
+from p2pchat.node import Node
+
+from dhtsim import LINK, start_nodes
+
+DAY = 24 * 3600.0
+
+
+class World:
+    """A small DHT and the users on it."""
+
+    def __init__(self, net: SimNetwork, nursery: trio.Nursery, dht: list[DhtNode], certs: CertCache) -> None:
+        self.net = net
+        self.nursery = nursery
+        self.dht = dht
+        self.certs = certs
+        self.hosts: dict[str, SimHost] = {}
+
+    async def user(self, name: str, seed: int, home: Path | None = None, identity: Identity | None = None) -> Node:
+        host = self.hosts.get(name) or self.net.add_host()
+        self.hosts[name] = host
+        env = Env.simulated(host, seed)
+        identity = identity or Identity.generate(env.random_bytes)
+        node = Node(env, identity, host=host.address, udp_port=4000, tcp_port=4001, home=home, cert_cache=self.certs)
+        await self.nursery.start(node.run)
+        assert await node.bootstrap([self.dht[seed % len(self.dht)].address]) == 1
+        return node
+
+
+async def _world(net: SimNetwork, nursery: trio.Nursery, count: int = 30, seed: int = 1) -> World:
+    certs = CertCache()
+    dht, _ = await start_nodes(net, nursery, count, seed=seed, certs=certs)
+    return World(net, nursery, dht, certs)
+
+
+async def _next(node: Node, kind: type, timeout: float = 3600) -> IncomingMessage | DeliveryUpdate:
+    with trio.fail_after(timeout):
+        while True:
+            event = await node.events.receive()
+            if isinstance(event, kind):
+                return event
+
+
+async def _until_delivered(node: Node, ids: set[bytes], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while ids:
+            event = await node.events.receive()
+            if isinstance(event, DeliveryUpdate) and event.state is MessageState.DELIVERED:
+                ids.discard(event.message_id)
+
+
+async def test_alice_to_bob_online_goes_direct(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(41, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        alice.add_contact("bob", bob.address)
+        bob.add_contact("alice", alice.address)
+        row = alice.send("bob", "hello bob")
+        assert alice.history("bob")[0].state is MessageState.QUEUED
+        event = await _next(bob, IncomingMessage)
+        assert isinstance(event, IncomingMessage)
+        assert event.message.text == "hello bob" and event.message.peer == alice.key
+        await _until_delivered(alice, {row.id}, 60)
+        assert alice.messenger.stats.sent_direct >= 1 and alice.messenger.stats.stored_in_mailbox == 0
+        reply = bob.send("alice", "hi alice")
+        event = await _next(alice, IncomingMessage)
+        assert isinstance(event, IncomingMessage) and event.message.text == "hi alice"
+        await _until_delivered(bob, {reply.id}, 60)
+        assert [m.text for m in alice.history("bob")] == ["hello bob", "hi alice"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(42, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        alice.add_contact("bob", bob.address)
+        world.hosts["bob"].set_down()
+        ids = {alice.send("bob", f"message {i}").id for i in range(100)}
+        await trio.sleep(600)
+        states = {m.state for m in alice.history("bob")}
+        assert states == {MessageState.STORED}
+        assert min(m.replicas for m in alice.history("bob")) >= 15
+        await trio.sleep(3 * DAY)
+        world.hosts["bob"].set_up()
+        await _until_delivered(alice, set(ids), 2 * 3600)
+        received = [m for m in bob.history() if not m.outgoing]
+        assert [m.text for m in received] == [f"message {i}" for i in range(100)]
+        assert bob.db.contact(alice.key).status is ContactStatus.REQUEST  # not a contact yet: a request
+        # Taken entries are deleted from the DHT.
+        await trio.sleep(120)
+        assert (await world.dht[0].fetch_mailbox(bob.messenger.mailbox_key)).entries == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_acks_wait_for_an_offline_sender(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(43, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        row = alice.send(bob.key, "are you there?")
+        await trio.sleep(300)
+        world.hosts["alice"].set_down()
+        world.hosts["bob"].set_up()
+        event = await _next(bob, IncomingMessage, timeout=3600)
+        assert isinstance(event, IncomingMessage)
+        await trio.sleep(3600)  # Bob acknowledges into Alice's mailbox, since she is away
+        world.hosts["alice"].set_up()
+        await _until_delivered(alice, {row.id}, 3600)
+        nursery.cancel_scope.cancel()
+
+
+async def test_restarts_lose_nothing(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    async with open_sim_network(44, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        bob_identity = Identity.generate(random.Random(5).randbytes)
+        alice = await world.user("alice", 1, home=tmp_path / "alice")
+        async with trio.open_nursery() as bob_life:
+            world.nursery = bob_life
+            bob = await world.user("bob", 2, home=tmp_path / "bob", identity=bob_identity)
+            row = alice.send(bob.key, "first")
+            await _next(bob, IncomingMessage)
+            bob_life.cancel_scope.cancel()
+        world.nursery = nursery
+        ids = [alice.send(bob_identity.public.key, f"while bob restarts {i}").id for i in range(5)]
+        await trio.sleep(60)
+        bob = await world.user("bob", 2, home=tmp_path / "bob", identity=bob_identity)
+        await _until_delivered(alice, {row.id, *ids}, 3600)
+        texts = [m.text for m in bob.history() if not m.outgoing]
+        assert texts == ["first"] + [f"while bob restarts {i}" for i in range(5)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_64_kib_message_and_bad_envelopes(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(45, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        big = "x" * MAX_TEXT_BYTES
+        row = alice.send(bob.key, big)
+        with pytest.raises(UserError, match="too large"):
+            alice.send(bob.key, big + "y")
+        await trio.sleep(300)
+        assert alice.history(bob.key)[0].state is MessageState.STORED
+        # Junk in Bob's mailbox: a garbage payload, an envelope sealed to someone else's mailbox, and a replay.
+        mbox = bob.messenger.mailbox_key
+        wall = alice.env.wall_time()
+        other = Identity.generate(random.Random(6).randbytes)
+        junk = [
+            make_entry(mbox, b"\x00garbage", entry_expiry(wall)),
+            make_entry(mbox, envelope.seal(alice.identity, other.public.key, b"x", alice.env.random_bytes),
+                       entry_expiry(wall)),
+        ]
+        for entry in junk:
+            await world.dht[0].append_entry(mbox, entry)
+        world.hosts["bob"].set_up()
+        event = await _next(bob, IncomingMessage)
+        assert isinstance(event, IncomingMessage) and event.message.text == big
+        await _until_delivered(alice, {row.id}, 3600)
+        await bob.messenger.fetch_mailbox()  # the garbage is taken (and counted) at the next fetch
+        assert bob.messenger.stats.dropped_undecryptable >= 2
+        assert [m.text for m in bob.history() if not m.outgoing] == [big]
+        nursery.cancel_scope.cancel()
+
+
+async def test_blocked_identities_are_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(46, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        bob.messenger.block(alice.key)
+        alice.send(bob.key, "spam")
+        await trio.sleep(600)
+        assert bob.history() == []
+        assert bob.messenger.stats.dropped_blocked >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_both_start_a_session_at_once_and_converge(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(47, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["alice"].set_down()
+        world.hosts["bob"].set_down()
+        world.hosts["alice"].set_up()
+        world.hosts["bob"].set_up()
+        a = alice.send(bob.key, "from alice")
+        b = bob.send(alice.key, "from bob")
+        await _until_delivered(alice, {a.id}, 3600)
+        await _until_delivered(bob, {b.id}, 3600)
+        for i in range(5):  # and the session keeps working both ways
+            a = alice.send(bob.key, f"a{i}")
+            b = bob.send(alice.key, f"b{i}")
+            await _until_delivered(alice, {a.id}, 3600)
+            await _until_delivered(bob, {b.id}, 3600)
+        assert [m.text for m in bob.history() if not m.outgoing] == ["from alice"] + [f"a{i}" for i in range(5)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_mailbox_holding_1000_entries(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(48, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery, count=25)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        ids = {alice.send(bob.key, f"m{i}").id for i in range(1000)}
+        await trio.sleep(2 * 3600)
+        assert all(m.state is MessageState.STORED for m in alice.history(bob.key))
+        world.hosts["bob"].set_up()
+        await _until_delivered(alice, ids, 6 * 3600)
+        assert len([m for m in bob.history() if not m.outgoing]) == 1000
+        nursery.cancel_scope.cancel()
