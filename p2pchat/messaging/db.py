@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -138,6 +138,10 @@ class MessageDB:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self.commits = 0
+        self.after_commit: Callable[[int], None] | None = None
+        """Called with the commit count after every commit: the seam crash tests use to stop a node at each
+        commit boundary (None in production)."""
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -183,6 +187,9 @@ class MessageDB:
             raise
         self._depth = 0
         self._db.execute("COMMIT")
+        self.commits += 1
+        if self.after_commit is not None:
+            self.after_commit(self.commits)
 
     # --- key/value -----------------------------------------------------------------------------------------------
 
