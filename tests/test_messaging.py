@@ -230,3 +230,33 @@ async def test_a_mailbox_holding_1000_entries(autojump_clock: trio.testing.MockC
         await _until_delivered(alice, ids, 6 * 3600)
         assert len([m for m in bob.history() if not m.outgoing]) == 1000
         nursery.cancel_scope.cancel()
+
+
+async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(49, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        # Alice's clock runs an hour ahead of Bob's (and of the DHT's).
+        host = net.add_host()
+        world.hosts["alice"] = host
+        env = Env.simulated(host, 1, clock_skew=3600)
+        alice = Node(env, Identity.generate(env.random_bytes), host=host.address, udp_port=4000, tcp_port=4001,
+                     cert_cache=world.certs)
+        await nursery.start(alice.run)
+        assert await alice.bootstrap([world.dht[0].address]) == 1
+        bob = await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        row = alice.send(bob.key, "from the future")
+        await trio.sleep(600)
+        world.hosts["bob"].set_up()
+        event = await _next(bob, IncomingMessage)
+        assert isinstance(event, IncomingMessage) and event.message.text == "from the future"
+        await _until_delivered(alice, {row.id}, 3600)
+        # Alice is not Bob's contact: her message waits as a request until he accepts it.
+        contact = bob.db.contact(alice.key)
+        assert contact is not None and contact.status is ContactStatus.REQUEST
+        bob.add_contact("alice", alice.address)
+        contact = bob.db.contact(alice.key)
+        assert contact is not None and contact.status is ContactStatus.CONTACT and contact.name == "alice"
+        reply = bob.send("alice", "accepted")
+        await _until_delivered(bob, {reply.id}, 3600)
+        nursery.cancel_scope.cancel()
