@@ -1073,3 +1073,22 @@ def test_fuzz_rpcudp_seeded_mutations() -> None:
         else:
             raw[at:at] = rng.randbytes(rng.randint(1, 4))
         _rpcudp_or_protocol_error(bytes(raw))
+
+
+def test_memoised_structs_stay_strict_and_bounded() -> None:
+    from p2pchat.core.schema import STRUCT_MEMO_SIZE  # noqa: PLC0415
+
+    good = [NODE_ID, bytes([127, 0, 0, 1]), 80]
+    first = Struct(NodeInfo).check(good)
+    assert Struct(NodeInfo).check(list(good)) is first  # the second decode is the memoised object
+    # A bool or float where an int belongs never reaches the memo (True == 1 as a dict key), and is refused.
+    for odd in (True, 80.0):
+        with pytest.raises(ProtocolError):
+            Struct(NodeInfo).check([NODE_ID, bytes([127, 0, 0, 1]), odd])
+    memo = NodeInfo.__dict__["__wire_decode_memo__"]
+    for port in range(1, STRUCT_MEMO_SIZE + 100):
+        Struct(NodeInfo).check([NODE_ID, bytes([127, 0, 0, 1]), port])
+    assert len(memo) == STRUCT_MEMO_SIZE
+    encoded = Struct(NodeInfo).to_wire(first)
+    assert Struct(NodeInfo).to_wire(NodeInfo(NODE_ID, "127.0.0.1", 80)) is encoded
+    assert len(NodeInfo.__dict__["__wire_encode_memo__"]) <= STRUCT_MEMO_SIZE

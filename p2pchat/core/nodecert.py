@@ -49,7 +49,7 @@ _DOMAIN: Final = b"p2pchat-nodecert-v1\x00"
 _MAX_TIME: Final = 2**48
 
 
-@wire_struct
+@wire_struct(memo=True)
 @dataclass(frozen=True, slots=True)
 class NodeCert(WireStruct):
     """A node's signed claim: "the node whose key is ``key`` answers at ``host:port``" (since ``issued_at``)."""

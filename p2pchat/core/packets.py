@@ -163,7 +163,7 @@ _ItemSpace = Annotated[int, Int(min_value=min(ItemSpace), max_value=max(ItemSpac
 _PartSpec = Annotated[Part, Struct(Part)]
 
 
-@wire_struct
+@wire_struct(memo=True)
 @dataclass(frozen=True, slots=True)
 class NodeInfo(WireStruct):
     """A DHT contact: its node id and the UDP address it answers on.

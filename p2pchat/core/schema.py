@@ -54,6 +54,7 @@ __all__ = [
     "MSGPACK_INT_MAX",
     "MSGPACK_INT_MIN",
     "PACKETS",
+    "STRUCT_MEMO_SIZE",
     "Bool",
     "Bytes",
     "Float",
@@ -87,6 +88,15 @@ MIN_PACKET_KIND: Final = 1
 
 MAX_PACKET_KIND: Final = 255
 """Largest packet kind: the kind travels in one header byte."""
+
+STRUCT_MEMO_SIZE: Final = 4096
+"""Entries kept per memoised struct class (see :func:`wire_struct`'s ``memo``), each way.
+
+A node encodes and decodes the same contacts and certificates in reply after reply; a frozen struct's wire form
+and validation depend on nothing else, so both are kept.  The bound keeps a flood of distinct ones from growing
+memory: past it the oldest entries go."""
+
+_MEMO_KEY_TYPES: Final = frozenset({bytes, int, str})
 
 IP_CACHE_SIZE: Final = 4096
 """Entries kept by each IP-address conversion cache (packed <-> text).
@@ -512,13 +522,36 @@ class Struct(Spec):
 
     def check(self, value: object) -> WireStruct:
         """Return an instance of ``cls`` decoded from *value*."""
-        return _decode(self.cls, value)
+        memo: dict[object, WireStruct] | None = self.cls.__dict__.get("__wire_decode_memo__")
+        if memo is None or type(value) is not list:
+            return _decode(self.cls, value)
+        # Only exact bytes/int/str fields make a key: True == 1 and 1.0 == 1 as dict keys, and the strict decoder
+        # must still see (and refuse) a bool or float where an int belongs.
+        if any(type(item) not in _MEMO_KEY_TYPES for item in value):
+            return _decode(self.cls, value)
+        key = tuple(value)
+        hit = memo.get(key)
+        if hit is None:
+            hit = _decode(self.cls, value)
+            if len(memo) >= STRUCT_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = hit
+        return hit
 
     def to_wire(self, value: object) -> list[object]:
         """Return the array form of *value*, which must be exactly a ``cls`` instance."""
         if type(value) is not self.cls:
             raise ValueError(f"expected {self.cls.__name__}, got {_type_name(value)}")
-        return _encode(value)
+        memo: dict[object, list[object]] | None = self.cls.__dict__.get("__wire_encode_memo__")
+        if memo is None:
+            return _encode(value)
+        hit = memo.get(value)
+        if hit is None:
+            hit = _encode(value)
+            if len(memo) >= STRUCT_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[value] = hit
+        return hit
 
     @property
     def max_wire_size(self) -> int:
@@ -609,14 +642,33 @@ def _compile(cls: type[_S]) -> Schema:
     )
 
 
-def wire_struct(cls: type[_S]) -> type[_S]:
+@typing.overload
+def wire_struct(cls: type[_S], /) -> type[_S]: ...
+
+
+@typing.overload
+def wire_struct(*, memo: bool) -> Callable[[type[_S]], type[_S]]: ...
+
+
+def wire_struct(cls: type[_S] | None = None, /, *, memo: bool = False) -> type[_S] | Callable[[type[_S]], type[_S]]:
     """Class decorator: compile the schema of a nested struct (a :class:`WireStruct` frozen slotted dataclass).
+
+    ``@wire_struct(memo=True)`` also memoises the struct's encodings and decodings when nested in another (up to
+    :data:`STRUCT_MEMO_SIZE` each way): for small structs that recur in traffic, such as contacts and node
+    certificates.  Their fields must be hashable (bytes, str, int).
 
     Raises :class:`TypeError` at import if the class is not a frozen slotted dataclass or a field lacks a spec
     or has a spec that does not match its type.
     """
-    cls.__wire_schema__ = _compile(cls)
-    return cls
+
+    def decorate(cls: type[_S]) -> type[_S]:
+        cls.__wire_schema__ = _compile(cls)
+        if memo:
+            cls.__wire_decode_memo__ = {}  # type: ignore[attr-defined]
+            cls.__wire_encode_memo__ = {}  # type: ignore[attr-defined]
+        return cls
+
+    return decorate if cls is None else decorate(cls)
 
 
 class PacketRegistry:
