@@ -3,6 +3,7 @@ mailboxes, acknowledgements that wait for an offline sender, restarts, and bad e
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pchat.core import envelope
+from p2pchat.core import envelope, x3dh
 from p2pchat.core.identity import Identity
 from p2pchat.core.messages import MAX_TEXT_BYTES
 from p2pchat.core.nodecert import CertCache
@@ -259,4 +260,27 @@ async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.te
         assert contact is not None and contact.status is ContactStatus.CONTACT and contact.name == "alice"
         reply = bob.send("alice", "accepted")
         await _until_delivered(bob, {reply.id}, 3600)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_the_peer_refused_is_started_over(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(50, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        row = alice.send(bob.key, "first try")
+        await trio.sleep(300)
+        # Someone else used the one-time prekey Alice picked before her message reached Bob.
+        current = alice.messenger._records(bob.key)[0]
+        assert current is not None and current.initial is not None
+        used = x3dh.decode_initial_header(current.initial).one_time_prekey_id
+        state = x3dh.decode_prekey_state(bob.db.get("prekeys") or b"")
+        left = tuple(k for k in state.one_time_prekeys if k.prekey_id != used)
+        with bob.db.transaction():
+            bob.db.put("prekeys", x3dh.encode_prekey_state(dataclasses.replace(state, one_time_prekeys=left)))
+        world.hosts["bob"].set_up()
+        await _until_delivered(alice, {row.id}, 6 * 3600)
+        assert alice.messenger.stats.sessions_restarted >= 1
+        assert bob.messenger.stats.dropped_undecryptable >= 1
+        assert [m.text for m in bob.history() if not m.outgoing] == ["first try"]
         nursery.cancel_scope.cancel()

@@ -238,6 +238,10 @@ class MessageDB:
         row = self._db.execute("SELECT current, previous FROM sessions WHERE peer = ?", (peer,)).fetchone()
         return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
 
+    def delete_session(self, peer: bytes) -> None:
+        """Forget the sessions with *peer* (a new one will be started)."""
+        self._db.execute("DELETE FROM sessions WHERE peer = ?", (peer,))
+
     def set_session(self, peer: bytes, current: bytes, previous: bytes | None) -> None:
         """Store the session records with *peer*."""
         self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (peer, current, previous))

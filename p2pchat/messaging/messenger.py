@@ -96,6 +96,10 @@ MAX_MAILBOX_FETCH_INTERVAL: Final = 600.0
 CONNECT_TIMEOUT: Final = 5.0
 """Seconds to connect and finish the channel handshake with a peer."""
 
+RESTART_AFTER_DIRECT_ATTEMPTS: Final = 3
+"""Direct deliveries of a message on a session the peer never answered, after which the session is started over
+(see ``Messenger._restart_refused_session``)."""
+
 ACK_WAIT: Final = 10.0
 """Seconds a direct send waits for the peer's acknowledgement before also storing the message in its mailbox."""
 
@@ -157,6 +161,7 @@ class MessengerStats:
     dropped_blocked: int = 0
     dropped_events: int = 0
     mailbox_fetches: int = 0
+    sessions_restarted: int = 0
 
 
 class Messenger:
@@ -316,7 +321,30 @@ class Messenger:
             for peer in sorted(peers):
                 nursery.start_soon(self._deliver_to, peer, due.get(peer, []), owed.get(peer, []))
 
+    def _restart_refused_session(self, peer: bytes, rows: list[MessageRow]) -> list[MessageRow]:
+        """Start over if the peer evidently refused the session we started.
+
+        Our messages reached the peer over the direct channel several times, yet nothing came back on the session:
+        the peer could not accept its initial header (most likely another sender used the same one-time prekey
+        first -- everyone who fetches a bundle picks from the same ones).  The session and the ciphertexts are
+        dropped; the messages are encrypted again under a session from a freshly fetched bundle.  A message the
+        peer did take after all arrives twice under different ciphertexts, and the peer drops the duplicate id.
+        """
+        current, _ = self._records(peer)
+        if current is None or current.answered or current.initial is None:
+            return rows
+        if not any(r.state is MessageState.SENT and r.attempts >= RESTART_AFTER_DIRECT_ATTEMPTS for r in rows):
+            return rows
+        log.info("restarting the session with %s: it never answered", PublicIdentity(peer).address[:16])
+        with self.db.transaction():
+            self.db.delete_session(peer)
+            for row in rows:
+                self.db.update_message(row.id, wire=None, attempts=0)
+        self.stats.sessions_restarted += 1
+        return [r for r in (self.db.message(row.id) for row in rows) if r is not None]
+
     async def _deliver_to(self, peer: bytes, rows: list[MessageRow], acks: list[bytes]) -> None:
+        rows = self._restart_refused_session(peer, rows)
         try:
             wires = [await self._wire_for(row) for row in rows]
         except P2PChatError as exc:
@@ -337,7 +365,7 @@ class Messenger:
                 for row, wire in zip(rows, wires, strict=True):
                     await channel.send(wire)
                     self.stats.sent_direct += 1
-                    if row.state is MessageState.QUEUED:
+                    if row.state in (MessageState.QUEUED, MessageState.STORED):
                         self._set_state(row, MessageState.SENT)
                     self._retry_later(row, soon=True)
                 for chunk, _ in ack_wires:
