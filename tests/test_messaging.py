@@ -19,6 +19,7 @@ from p2pchat.core.records import entry_expiry, make_entry
 from p2pchat.dht.node import DhtNode
 from p2pchat.env import Env
 from p2pchat.errors import UserError
+from p2pchat.messaging.channel import open_channel
 from p2pchat.messaging.db import ContactStatus, MessageState
 from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage
 from p2pchat.net.sim import SimHost, SimNetwork, open_sim_network
@@ -283,4 +284,42 @@ async def test_a_session_the_peer_refused_is_started_over(autojump_clock: trio.t
         assert alice.messenger.stats.sessions_restarted >= 1
         assert bob.messenger.stats.dropped_undecryptable >= 1
         assert [m.text for m in bob.history() if not m.outgoing] == ["first try"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tampered_replayed_and_impostor_messages_are_refused(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(51, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        row = alice.send(bob.key, "the real one")
+        await trio.sleep(300)
+        wire = alice.history(bob.key)[0].wire
+        assert wire is not None
+        info = await alice.messenger._prekey_info(bob.key)
+        assert info is not None
+        mbox = bob.messenger.mailbox_key
+        sealed = envelope.seal(alice.identity, info.mailbox_key, wire, alice.env.random_bytes)
+        tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        wall = alice.env.wall_time()
+        # The same sealed envelope again under another expiry (a new entry id), and a tampered copy.
+        for payload, ttl in ((sealed, 3600), (tampered, 7200)):
+            await world.dht[0].append_entry(mbox, make_entry(mbox, payload, entry_expiry(wall, ttl)))
+        world.hosts["bob"].set_up()
+        await _until_delivered(alice, {row.id}, 3600)
+        await bob.messenger.fetch_mailbox()
+        assert [m.text for m in bob.history() if not m.outgoing] == ["the real one"]  # once
+        assert bob.messenger.stats.duplicates >= 1  # the replay, recognised without decrypting
+        assert bob.messenger.stats.dropped_undecryptable >= 1  # the tampered copy
+        # Mallory replays Alice's ratchet message over his own authenticated channel: it is not from him.
+        mallory = Identity.generate(random.Random(7).randbytes)
+        host = net.add_host()
+        stream = await host.connect(bob.messenger.tcp_address)
+        channel = await open_channel(stream, mallory, random.Random(8).randbytes, initiator=True,
+                                     expected_peer=bob.key)
+        await channel.send(wire)
+        await trio.sleep(5)
+        assert bob.messenger.stats.dropped_replays == 1
+        assert [m.text for m in bob.history() if not m.outgoing] == ["the real one"]
+        await channel.aclose()
         nursery.cancel_scope.cancel()

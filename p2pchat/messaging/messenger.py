@@ -159,6 +159,7 @@ class MessengerStats:
     duplicates: int = 0
     dropped_undecryptable: int = 0
     dropped_blocked: int = 0
+    dropped_replays: int = 0
     dropped_events: int = 0
     mailbox_fetches: int = 0
     sessions_restarted: int = 0
@@ -559,12 +560,15 @@ class Messenger:
         taken = self.db.taken_wire(digest)
         if taken is not None:
             # A resend of what we already took (its key is spent, so it would not decrypt): the sender did not get
-            # our acknowledgement.  Owe it again.
+            # our acknowledgement.  Owe it again.  The same bytes from anyone else are a replay: dropped.
             with self.db.transaction():
                 if entry is not None:
                     self.db.mark_entry_seen(*entry)
                 if taken[0] == sender and taken[1] is not None:
                     self.db.owe_ack(sender, taken[1])
+            if taken[0] != sender:
+                self.stats.dropped_replays += 1
+                return False
             self.stats.duplicates += 1
             self._wake.set()
             return taken[1] is not None
