@@ -546,6 +546,22 @@ class Messenger:
 
     # --- receiving -----------------------------------------------------------------------------------------------
 
+    def _retaken(self, sender: bytes, taken: tuple[bytes, bytes | None], entry: tuple[bytes, float] | None) -> bool:
+        """A ratchet message whose digest we know: a resend by its sender, or a replay by someone else."""
+        # A resend of what we already took (its key is spent, so it would not decrypt): the sender did not get
+        # our acknowledgement.  Owe it again.  The same bytes from anyone else are a replay: dropped.
+        with self.db.transaction():
+            if entry is not None:
+                self.db.mark_entry_seen(*entry)
+            if taken[0] == sender and taken[1] is not None:
+                self.db.owe_ack(sender, taken[1])
+        if taken[0] != sender:
+            self.stats.dropped_replays += 1
+            return False
+        self.stats.duplicates += 1
+        self._wake.set()
+        return taken[1] is not None
+
     def _take(self, sender: bytes, wire: bytes, entry: tuple[bytes, float] | None = None) -> bool:
         """Take one ratchet message from *sender*, in one transaction.  Returns whether an ack is now owed."""
         contact = self.db.contact(sender)
@@ -559,19 +575,7 @@ class Messenger:
         digest = hashlib.blake2b(wire, digest_size=16).digest()
         taken = self.db.taken_wire(digest)
         if taken is not None:
-            # A resend of what we already took (its key is spent, so it would not decrypt): the sender did not get
-            # our acknowledgement.  Owe it again.  The same bytes from anyone else are a replay: dropped.
-            with self.db.transaction():
-                if entry is not None:
-                    self.db.mark_entry_seen(*entry)
-                if taken[0] == sender and taken[1] is not None:
-                    self.db.owe_ack(sender, taken[1])
-            if taken[0] != sender:
-                self.stats.dropped_replays += 1
-                return False
-            self.stats.duplicates += 1
-            self._wake.set()
-            return taken[1] is not None
+            return self._retaken(sender, taken, entry)
         try:
             with self.db.transaction():
                 if entry is not None:
