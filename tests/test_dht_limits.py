@@ -127,3 +127,18 @@ async def test_parts_are_retried_over_a_lossy_link(autojump_clock: trio.testing.
         assert (await nodes[29].get_record(RecordKind.PEER, owner.public.key)).record == record
         assert net.stats.lost > 100
         nursery.cancel_scope.cancel()
+
+
+async def test_hand_over_memory_follows_the_store(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(37, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 25, seed=37)
+        rng = random.Random(6)
+        expires = int(nodes[0].env.wall_time()) + 600
+        for _ in range(5):
+            owner = Identity.generate(rng.randbytes)
+            await nodes[0].put_record(sign_record(owner, RecordKind.PEER, 1, expires, b"short-lived"))
+        assert sum(len(n._handed) for n in nodes) > 0
+        await trio.sleep(900)  # the records expire, are swept, and the memory of who holds them goes too
+        assert all(len(n.store) == 0 for n in nodes)
+        assert sum(len(n._handed) for n in nodes) == 0
+        nursery.cancel_scope.cancel()

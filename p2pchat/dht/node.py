@@ -335,6 +335,10 @@ class DhtNode:
                 self._renew_cert()
             self.store.sweep(self.env.wall_time())
             self._reassembler.expire(now)
+            # Hand-over memory only for keys still held: it is bounded by the store, never by time.
+            held = set(self.store.keys())
+            for slot_key in [k for k in self._handed if k not in held]:
+                del self._handed[slot_key]
             for target in self.routing.stale_buckets(now, self.env.rng):
                 await self.find_node(target)
             if self._neighbourhood_changed and now - last_handover >= HANDOVER_INTERVAL:
