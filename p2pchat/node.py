@@ -9,6 +9,7 @@ Use it as ``await nursery.start(node.run)``, then ``await node.bootstrap([...])`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,21 +17,26 @@ import trio
 
 from p2pchat.core.identity import Identity, PublicIdentity
 from p2pchat.core.nodecert import CertCache
+from p2pchat.core.routing import K
 from p2pchat.dht.node import DhtConfig, DhtNode
 from p2pchat.dht.store import SqliteBackend, Store
 from p2pchat.env import Env
-from p2pchat.errors import UserError
+from p2pchat.errors import P2PChatError, UserError
+from p2pchat.lan.discovery import LanDiscovery
 from p2pchat.messaging.db import MessageDB, MessageRow
 from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage, Messenger
 from p2pchat.net.base import Address
 
-__all__ = ["DHT_DB_NAME", "MESSAGES_DB_NAME", "Node"]
+__all__ = ["DHT_DB_NAME", "LAN_PUBLISH_CHECK", "MESSAGES_DB_NAME", "Node"]
 
 DHT_DB_NAME = "dht.sqlite"
 """File in the home directory holding what this node stores for others."""
 
 MESSAGES_DB_NAME = "messages.sqlite"
 """File in the home directory holding contacts, sessions, history and the outbox."""
+
+LAN_PUBLISH_CHECK = 2.0
+"""Seconds between checks for new LAN peers to publish our records to (LAN-only mode has no bootstrap)."""
 
 
 class Node:
@@ -47,6 +53,8 @@ class Node:
         home: Path | None = None,
         dht_config: DhtConfig | None = None,
         cert_cache: CertCache | None = None,
+        lan: bool = False,
+        lan_interfaces: list[str] | None = None,
     ) -> None:
         self.env = env
         self.identity = identity
@@ -64,6 +72,9 @@ class Node:
         self.db = db
         self.dht = DhtNode(env, identity, host=host, port=udp_port, cert_cache=cert_cache, config=config, store=store)
         self.messenger = Messenger(env, identity, self.dht, db, host=host, tcp_port=tcp_port)
+        # LAN discovery only when asked, on the interfaces named (None there means all: a user's explicit choice,
+        # never a test's).  Resolving them here makes a mistyped interface fail before anything starts.
+        self.lan = LanDiscovery(env, self.dht, self.messenger, identity, interfaces=lan_interfaces) if lan else None
 
     @property
     def address(self) -> str:
@@ -86,10 +97,29 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.dht.run)
                 await nursery.start(self.messenger.run)
+                if self.lan is not None:
+                    await nursery.start(self.lan.run)
+                    nursery.start_soon(self._publish_on_first_lan_peer)
                 task_status.started()
         finally:
             self.store.close()
             self.db.close()
+
+    async def _publish_on_first_lan_peer(self) -> None:
+        # With no bootstrap (LAN-only), the DHT forms from LAN peers: publish our records (and fetch our mailbox)
+        # once there is someone to ask, then again whenever a peer appears while we know fewer than a bucket's
+        # worth.
+        assert self.lan is not None
+        published_with = 0
+        while True:
+            await trio.sleep(LAN_PUBLISH_CHECK)
+            count = len(self.lan.peers)
+            if count > published_with and published_with < K:
+                published_with = count
+                await self.messenger.publish()
+                # And look in our mailbox: the fetch at start found no one to ask.
+                with contextlib.suppress(P2PChatError):
+                    await self.messenger.fetch_mailbox()
 
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
         """Join the DHT through *addresses* and publish our records; returns how many answered."""
