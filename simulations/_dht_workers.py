@@ -35,7 +35,16 @@ import traceback
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from simulations._dht_workload import Figures, OpFigures, Progress, Workload, info, peak_rss_mb
+from simulations._dht_workload import (
+    SIM_JOIN_BATCH,
+    SIM_LOOKUP_CONCURRENCY,
+    Figures,
+    OpFigures,
+    Progress,
+    Workload,
+    info,
+    peak_rss_mb,
+)
 
 if TYPE_CHECKING:
     from p2pchat.dht.node import DhtNode
@@ -311,7 +320,7 @@ def run_p2pchat_sim(workload: Workload, options: argparse.Namespace) -> Figures:
     """p2pchat's DhtNode on a SimNetwork, virtual time: bootstrap, then find_node lookups."""
     from simulations._dht_sim import simulate  # noqa: PLC0415 - imports trio and the sim network
 
-    return simulate(workload, join_batch=options.join_batch)
+    return simulate(workload, join_batch=options.join_batch, lookup_concurrency=options.lookup_concurrency)
 
 
 SYSTEMS: dict[str, Callable[[Workload, argparse.Namespace], Figures]] = {
@@ -340,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--deadline", type=float, required=True, help="wall seconds before SIGALRM ends the worker")
     parser.add_argument("--shared-cert-cache", action="store_true")
-    parser.add_argument("--join-batch", type=int, default=1)
+    parser.add_argument("--join-batch", type=int, default=SIM_JOIN_BATCH, help="p2pchat-sim only")
+    parser.add_argument("--lookup-concurrency", type=int, default=SIM_LOOKUP_CONCURRENCY, help="p2pchat-sim only")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile statistics of the run to FILE")
     args = parser.parse_args(argv)
 

@@ -1,10 +1,16 @@
 """The workload of :mod:`simulations.bench_dht`, shared by every system's worker, and how figures are kept.
 
 Everything random here comes from the benchmark's seed, so every system is handed the same joins and the same
-operations: node ``i`` (``i >= 1``) bootstraps from node ``bootstrap_peers[i - 1]`` (a random earlier node), and
+operations: node ``i`` (``i >= 1``) bootstraps from node ``bootstrap_peers()[i - 1]`` (a random earlier node), and
 operation ``j`` puts ``value`` under ``key`` on node ``put_node`` and then gets ``key`` from node ``get_node``
 (always another node).  The ``--sim`` lookups reuse the operations: node ``put_node`` looks up the first 20
 bytes of ``key``.
+
+The ``--sim`` joins come in batches (:meth:`Workload.join_batches`): node 0 alone, then batches that grow 1, 2, 4,
+... up to ``join_batch`` nodes, never more nodes than have joined already (so no batch is a crowd around one lone
+node).  Every node of a batch bootstraps from a random node of the earlier batches
+(``bootstrap_peers(join_batch)``); with ``join_batch=1`` the batches are single nodes and the draws are exactly the
+one-by-one ones above.
 
 :class:`OpFigures` keeps the time and outcome of every operation; :class:`Progress` writes progress to stderr.
 """
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "KEY_BYTES",
+    "SIM_JOIN_BATCH",
+    "SIM_LOOKUP_CONCURRENCY",
     "VALUE_BYTES",
     "Figures",
     "OpFigures",
@@ -37,6 +45,12 @@ KEY_BYTES = 32
 
 VALUE_BYTES = 100
 """Size of each value put: about a peer record (a few addresses and ports)."""
+
+SIM_JOIN_BATCH = 100
+"""``--sim`` default: nodes that join at once (each from a random node of an earlier batch)."""
+
+SIM_LOOKUP_CONCURRENCY = 100
+"""``--sim`` default: lookups in flight at once, each from a random node."""
 
 Figures = dict[str, float | int]
 """One system's figures, as printed in the JSON output."""
@@ -74,10 +88,24 @@ class Workload:
         # One generator per purpose, so that (say) the joins do not change when the number of operations does.
         return random.Random(self.seed * 16 + stream)
 
-    def bootstrap_peers(self) -> list[int]:
-        """For node ``i >= 1``, at index ``i - 1``: the earlier node it bootstraps from."""
+    def join_batches(self, join_batch: int = 1) -> list[range]:
+        """The nodes that join together, in order: node 0 alone, then batches of at most ``join_batch`` nodes and
+        at most as many nodes as have joined before (sizes 1, 1, 2, 4, ..., up to ``join_batch``)."""
+        if join_batch < 1:
+            raise ValueError("join_batch must be at least 1")
+        batches = [range(1)]
+        first = 1
+        while first < self.nodes:
+            stop = min(self.nodes, first + min(join_batch, first))
+            batches.append(range(first, stop))
+            first = stop
+        return batches
+
+    def bootstrap_peers(self, join_batch: int = 1) -> list[int]:
+        """For node ``i >= 1``, at index ``i - 1``: the node it bootstraps from, a random node of an earlier batch
+        of :meth:`join_batches` (with ``join_batch=1``: any earlier node)."""
         rng = self._rng(_BOOTSTRAP_STREAM)
-        return [rng.randrange(i) for i in range(1, self.nodes)]
+        return [rng.randrange(batch.start) for batch in self.join_batches(join_batch)[1:] for _ in batch]
 
     def operations(self) -> list[Operation]:
         """The operations, in the order they run."""
