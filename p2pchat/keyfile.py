@@ -99,9 +99,7 @@ class KdfLimits:
 DEFAULT_KDF: Final = KdfLimits(nacl.pwhash.argon2id.OPSLIMIT_MODERATE, nacl.pwhash.argon2id.MEMLIMIT_MODERATE)
 """Limits for a user's key file: libsodium's MODERATE (about a second, 256 MiB)."""
 
-INTERACTIVE_KDF: Final = KdfLimits(
-    nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
-)
+INTERACTIVE_KDF: Final = KdfLimits(nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE)
 """libsodium's INTERACTIVE limits (64 MiB): fast enough for tests and throwaway demo identities."""
 
 
@@ -135,9 +133,7 @@ def save_identity(
     with mode 0600, or not at all; an existing file is never replaced (:class:`~p2pchat.errors.KeyFileError`).
     """
     if passphrase == "":
-        raise KeyFileError(
-            "the passphrase is empty; choose a non-empty passphrase, or none to leave the key unsealed"
-        )
+        raise KeyFileError("the passphrase is empty; choose a non-empty passphrase, or none to leave the key unsealed")
     if os.path.lexists(path):
         raise _exists_error(path)
     blob = _encode(identity.seed, passphrase, kdf_limits, random_bytes)
@@ -188,9 +184,7 @@ def _passphrase_bytes(passphrase: str) -> bytes:
     return unicodedata.normalize("NFC", passphrase).encode("utf-8", "surrogatepass")
 
 
-def _encode(
-    seed: bytes, passphrase: str | None, limits: KdfLimits, random_bytes: Callable[[int], bytes]
-) -> bytes:
+def _encode(seed: bytes, passphrase: str | None, limits: KdfLimits, random_bytes: Callable[[int], bytes]) -> bytes:
     """The key file bytes for *seed*, sealed under *passphrase* if given."""
     if passphrase is None:
         kdf = None
@@ -290,9 +284,7 @@ def _read_bytes(path: Path) -> bytes:
                 "that nobody copied it"
             )
         if info.st_size > MAX_KEY_FILE_BYTES:
-            raise _corrupt(
-                path, f"{info.st_size} bytes, more than the {MAX_KEY_FILE_BYTES} a key file may have"
-            )
+            raise _corrupt(path, f"{info.st_size} bytes, more than the {MAX_KEY_FILE_BYTES} a key file may have")
         chunks = []
         remaining = MAX_KEY_FILE_BYTES + 1
         while remaining > 0:
@@ -331,8 +323,7 @@ def _parse_document(path: Path, document: object) -> _KeyFileContents:
         raise _corrupt(path, "missing or malformed version")
     if version != KEY_FILE_VERSION:
         raise KeyFileError(
-            f"key file {path} has version {version}, which this p2pchat cannot read; "
-            "it may need a newer p2pchat"
+            f"key file {path} has version {version}, which this p2pchat cannot read; it may need a newer p2pchat"
         )
     if "kdf" not in document:
         raise _corrupt(path, "missing kdf field")

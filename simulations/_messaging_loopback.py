@@ -229,9 +229,9 @@ async def _end_to_end(
             await _event(bob, lambda e: isinstance(e, IncomingMessage))
             await _event(
                 alice,
-                lambda e: isinstance(e, DeliveryUpdate)
-                and e.message_id == warm_up.id
-                and e.state is MessageState.DELIVERED,
+                lambda e: (
+                    isinstance(e, DeliveryUpdate) and e.message_id == warm_up.id and e.state is MessageState.DELIVERED
+                ),
             )
         info(
             f"end to end: {DHT_NODES} DhtNodes and 2 Nodes on {LOOPBACK} (DhtConfig.single_host()), SQLite files in "

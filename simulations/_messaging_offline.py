@@ -170,9 +170,10 @@ async def _simulate(config: OfflineConfig) -> OfflineResult:
         f"{on_mean / 60:.0f} min); recipients away {MIN_RECIPIENT_OFFLINE / 60:.0f} min to {config.hours:g} h, "
         f"{config.messages_per_pair} messages each while away"
     )
-    async with open_sim_network(
-        config.seed, default_link=LINK, time_resolution=config.time_resolution
-    ) as net, trio.open_nursery() as nursery:
+    async with (
+        open_sim_network(config.seed, default_link=LINK, time_resolution=config.time_resolution) as net,
+        trio.open_nursery() as nursery,
+    ):
         certs = CertCache()
         phase = time.perf_counter()
         dht, dht_hosts = await _join_dht(net, nursery, config, certs, rng)
@@ -320,9 +321,7 @@ def _plan(pairs: list[_Pair], config: OfflineConfig, rng: random.Random, start: 
     for pair in pairs:
         pair.away_from = start + rng.uniform(0.0, HOUR)
         pair.away_until = pair.away_from + rng.uniform(MIN_RECIPIENT_OFFLINE, config.hours * HOUR)
-        pair.send_times = sorted(
-            rng.uniform(pair.away_from, pair.away_until) for _ in range(config.messages_per_pair)
-        )
+        pair.send_times = sorted(rng.uniform(pair.away_from, pair.away_until) for _ in range(config.messages_per_pair))
 
 
 async def _run_pair(pair: _Pair) -> None:

@@ -126,10 +126,7 @@ def test_every_substitution_is_rejected_and_located(key: bytes) -> None:
             if char == original:
                 continue
             mangled = address[:index] + char + address[index + 1 :]
-            assert (
-                _error(mangled)
-                == f"the address has a typo: character {position} should probably be {original!r}"
-            )
+            assert _error(mangled) == f"the address has a typo: character {position} should probably be {original!r}"
         for char in GARBAGE:
             mangled = address[:index] + char + address[index + 1 :]
             if mangled == address:
@@ -147,9 +144,7 @@ def test_every_adjacent_swap_is_rejected_and_located(key: bytes) -> None:
         if address[index] == address[index + 1]:
             continue
         swapped = address[:index] + address[index + 1] + address[index] + address[index + 2 :]
-        assert (
-            _error(swapped) == f"the address has a typo: characters {index + 1} and {index + 2} look swapped"
-        )
+        assert _error(swapped) == f"the address has a typo: characters {index + 1} and {index + 2} look swapped"
 
 
 def test_two_typos_are_caught_but_not_located() -> None:
@@ -176,13 +171,8 @@ def test_truncated_and_extended_addresses() -> None:
     address = encode_address(bytes(range(32)))
     for length in range(4, len(address)):
         message = _error(address[:length])
-        assert (
-            message == f"the address is too short ({length} characters instead of 63); part of it is missing"
-        )
-    assert (
-        _error(address + "q")
-        == "the address is too long (64 characters instead of 63); it has extra characters"
-    )
+        assert message == f"the address is too short ({length} characters instead of 63); part of it is missing"
+    assert _error(address + "q") == "the address is too long (64 characters instead of 63); it has extra characters"
     assert _error(address[:20] + "q" + address[20:]).startswith("the address is too long")
 
 
@@ -223,7 +213,4 @@ def test_nonzero_padding_is_malformed() -> None:
 def test_a_typo_whose_fix_would_be_an_unknown_version_is_not_suggested() -> None:
     # A wrong version symbol is located like any typo, because only version 0 is a valid fix.
     address = encode_address(bytes(range(32)))
-    assert (
-        _error(address[:4] + "p" + address[5:])
-        == "the address has a typo: character 5 should probably be 'q'"
-    )
+    assert _error(address[:4] + "p" + address[5:]) == "the address has a typo: character 5 should probably be 'q'"

@@ -59,8 +59,9 @@ async def _life(user: User, node: Node, crash_at: int | None, *, task_status: tr
 
 async def _start(user: User, nursery: trio.Nursery, dht: list[DhtNode], certs: CertCache, crash_at: int | None) -> Node:
     env = Env.simulated(user.host, user.seed)
-    node = Node(env, user.identity, host=user.host.address, udp_port=4000, tcp_port=4001, home=user.home,
-                cert_cache=certs)
+    node = Node(
+        env, user.identity, host=user.host.address, udp_port=4000, tcp_port=4001, home=user.home, cert_cache=certs
+    )
     user.node = node
     user.crashed = trio.Event()
     await nursery.start(_life, user, node, crash_at)

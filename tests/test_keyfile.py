@@ -158,9 +158,7 @@ def test_existing_dangling_symlink_is_not_followed(tmp_path: Path) -> None:
     assert not target.exists()
 
 
-def test_file_appearing_during_save_is_not_replaced(
-    plain_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_file_appearing_during_save_is_not_replaced(plain_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend the early existence check lost a race: the final link step must still refuse.
     before = plain_file.read_bytes()
     monkeypatch.setattr(os.path, "lexists", lambda _path: False)

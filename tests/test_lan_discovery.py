@@ -59,6 +59,7 @@ async def test_a_flood_from_another_thread_is_dropped_and_counted_never_blocking
 
 async def test_the_bridge_carries_items_in_order_and_drops_after_close() -> None:
     bridge = EventBridge(trio.lowlevel.current_trio_token(), capacity=4)
+
     def post_three() -> None:
         for i in range(3):
             bridge.post((str(i), ServiceStateChange.Updated))

@@ -26,7 +26,12 @@ LOOPBACK = ["127.0.0.1"]
 
 def _node(identity: Identity, home: Path) -> Node:
     return Node(
-        Env.real(), identity, host="127.0.0.1", home=home, dht_config=DhtConfig.single_host(), lan=True,
+        Env.real(),
+        identity,
+        host="127.0.0.1",
+        home=home,
+        dht_config=DhtConfig.single_host(),
+        lan=True,
         lan_interfaces=LOOPBACK,
     )
 

@@ -172,8 +172,9 @@ async def test_a_64_kib_message_and_bad_envelopes(autojump_clock: trio.testing.M
         other = Identity.generate(random.Random(6).randbytes)
         junk = [
             make_entry(mbox, b"\x00garbage", entry_expiry(wall)),
-            make_entry(mbox, envelope.seal(alice.identity, other.public.key, b"x", alice.env.random_bytes),
-                       entry_expiry(wall)),
+            make_entry(
+                mbox, envelope.seal(alice.identity, other.public.key, b"x", alice.env.random_bytes), entry_expiry(wall)
+            ),
         ]
         for entry in junk:
             await world.dht[0].append_entry(mbox, entry)
@@ -241,8 +242,14 @@ async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.te
         host = net.add_host()
         world.hosts["alice"] = host
         env = Env.simulated(host, 1, clock_skew=3600)
-        alice = Node(env, Identity.generate(env.random_bytes), host=host.address, udp_port=4000, tcp_port=4001,
-                     cert_cache=world.certs)
+        alice = Node(
+            env,
+            Identity.generate(env.random_bytes),
+            host=host.address,
+            udp_port=4000,
+            tcp_port=4001,
+            cert_cache=world.certs,
+        )
         await nursery.start(alice.run)
         assert await alice.bootstrap([world.dht[0].address]) == 1
         bob = await world.user("bob", 2)
@@ -315,8 +322,7 @@ async def test_tampered_replayed_and_impostor_messages_are_refused(autojump_cloc
         mallory = Identity.generate(random.Random(7).randbytes)
         host = net.add_host()
         stream = await host.connect(bob.messenger.tcp_address)
-        channel = await open_channel(stream, mallory, random.Random(8).randbytes, initiator=True,
-                                     expected_peer=bob.key)
+        channel = await open_channel(stream, mallory, random.Random(8).randbytes, initiator=True, expected_peer=bob.key)
         await channel.send(wire)
         await trio.sleep(5)
         assert bob.messenger.stats.dropped_replays == 1

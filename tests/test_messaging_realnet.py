@@ -49,7 +49,10 @@ async def test_two_nodes_on_loopback_direct_and_through_the_mailbox(tmp_path: Pa
         async def user(name: str, identity: Identity | None = None) -> Node:
             env = Env.real()
             node = Node(
-                env, identity or Identity.generate(env.random_bytes), host="127.0.0.1", home=tmp_path / name,
+                env,
+                identity or Identity.generate(env.random_bytes),
+                host="127.0.0.1",
+                home=tmp_path / name,
                 dht_config=config,
             )
             await nursery.start(node.run)

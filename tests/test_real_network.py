@@ -124,7 +124,6 @@ async def test_allow_list_refuses_other_destinations(network: RealNetwork, desti
 def test_suite_default_allow_list_is_loopback_only() -> None:
     # conftest sets the variable; a RealNetwork built without an explicit list must pick it up.
 
-
     assert os.environ[ALLOW_ENV_VAR] == "127.0.0.0/8,::1/128"
     default = RealNetwork()
     assert default.allow.allows("127.0.0.1")

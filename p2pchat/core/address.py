@@ -67,8 +67,7 @@ _GENERATOR: Final = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
 # The generator terms to fold in for each value of the 5 bits shifted out of the top of the checksum register:
 # one table lookup per symbol instead of five conditional XORs.
 _TOP_FEEDBACK: Final = tuple(
-    functools.reduce(lambda acc, i: acc ^ (_GENERATOR[i] if top >> i & 1 else 0), range(5), 0)
-    for top in range(32)
+    functools.reduce(lambda acc, i: acc ^ (_GENERATOR[i] if top >> i & 1 else 0), range(5), 0) for top in range(32)
 )
 _SYMBOL_VALUE: Final = {char: value for value, char in enumerate(BECH32_ALPHABET)}
 _TO_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -170,14 +169,11 @@ def decode_address(text: str) -> bytes:
         raise AddressError(_checksum_message(data))
     if data[0] != ADDRESS_VERSION:
         raise AddressError(
-            f"the address has version {data[0]}, which this p2pchat does not know; "
-            "it may need a newer p2pchat"
+            f"the address has version {data[0]}, which this p2pchat does not know; it may need a newer p2pchat"
         )
     key = _key_from_data(data)
     if key is None:
-        raise AddressError(
-            "the address is malformed (stray bits after the key); check it against the original"
-        )
+        raise AddressError("the address is malformed (stray bits after the key); check it against the original")
     return key
 
 
@@ -247,13 +243,8 @@ def _guess_symbol(data_text: str, index: int) -> str | None:
 def _length_message(length: int) -> str:
     """Say whether the address is too short or too long."""
     if length < ADDRESS_LENGTH:
-        return (
-            f"the address is too short ({length} characters instead of {ADDRESS_LENGTH}); "
-            "part of it is missing"
-        )
-    return (
-        f"the address is too long ({length} characters instead of {ADDRESS_LENGTH}); it has extra characters"
-    )
+        return f"the address is too short ({length} characters instead of {ADDRESS_LENGTH}); part of it is missing"
+    return f"the address is too long ({length} characters instead of {ADDRESS_LENGTH}); it has extra characters"
 
 
 def _substitution_message(index: int, expected: str) -> str:

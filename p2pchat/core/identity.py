@@ -211,8 +211,7 @@ def fingerprint_digits(key: bytes) -> str:
         digest = hashlib.sha512(prefix + digest).digest()
     chunks = FINGERPRINT_DIGITS // _FINGERPRINT_CHUNK_DIGITS
     return "".join(
-        _chunk_digits(digest[i * _FINGERPRINT_CHUNK_BYTES : (i + 1) * _FINGERPRINT_CHUNK_BYTES])
-        for i in range(chunks)
+        _chunk_digits(digest[i * _FINGERPRINT_CHUNK_BYTES : (i + 1) * _FINGERPRINT_CHUNK_BYTES]) for i in range(chunks)
     )
 
 

@@ -108,8 +108,6 @@ class Content(WireStruct):
             raise ProtocolError("a text message carries no acks, and an ack no text")
 
 
-
-
 @wire_struct
 @dataclass(frozen=True, slots=True)
 class RatchetMessage(WireStruct):

@@ -301,8 +301,7 @@ class MessageDB:
         """Outgoing messages not yet delivered or failed, oldest first (the outbox)."""
         marks = ", ".join("?" for _ in _OPEN_STATES)
         rows = self._db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE outgoing = 1 AND state IN ({marks})"
-            " ORDER BY sent_at, seq",
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE outgoing = 1 AND state IN ({marks}) ORDER BY sent_at, seq",
             tuple(str(s) for s in _OPEN_STATES),
         ).fetchall()
         return [_message(r) for r in rows]

@@ -361,7 +361,7 @@ class Messenger:
         channel = await self._channel_to(peer)
         if channel is not None:
             try:
-                for (_, wire) in ack_wires:
+                for _, wire in ack_wires:
                     await channel.send(wire)
                 for row, wire in zip(rows, wires, strict=True):
                     await channel.send(wire)
@@ -415,9 +415,7 @@ class Messenger:
         if row.wire is not None:
             return row.wire
         await self._ensure_session(row.peer)
-        content = Content(
-            int(ContentKind.TEXT), row.id, row.seq, int(row.sent_at * 1000), row.text, ()
-        )
+        content = Content(int(ContentKind.TEXT), row.id, row.seq, int(row.sent_at * 1000), row.text, ())
         with self.db.transaction():
             current = self.db.message(row.id)
             if current is not None and current.wire is not None:
@@ -806,4 +804,3 @@ def _required(value: bytes | None) -> bytes:
     if value is None:
         raise P2PChatError("the messenger's prekey state is missing from its database")
     return value
-
