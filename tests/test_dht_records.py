@@ -36,7 +36,7 @@ from p2pchat.env import Env
 from p2pchat.net.base import Address
 from p2pchat.net.sim import SimNetwork, open_sim_network
 
-from dhtsim import LINK, start_nodes
+from dhtsim import LINK, start_nodes, true_closest
 
 
 def _record(env: Env, owner: Identity, seq: int, value: bytes, ttl: int = 24 * 3600) -> SignedRecord:
@@ -362,4 +362,33 @@ async def test_unknown_error_codes_are_only_refusals(autojump_clock: trio.testin
         put = await nodes[0].put_record(_record(nodes[0].env, owner, 1, b"v"))
         assert 0 < put.stored < put.asked + 1
         assert (await nodes[3].get_record(RecordKind.PEER, owner.public.key)).record is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio.testing.MockClock) -> None:
+    # Under churn at a steady size, the live holders of a key must stay the nodes near it.  If every holder handed
+    # over to the closest nodes *it* knew (its table is complete near its own id, not near the key), the key would
+    # spread outward with each round of joins and hand-over traffic would grow without end.
+    async with open_sim_network(14, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 150, seed=14)
+        rng = random.Random(4)
+        owner = Identity.generate(rng.randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        record = _record(nodes[0].env, owner, 1, b"stays near its key")
+        await nodes[0].put_record(record)
+        alive = dict(zip(nodes[1:], hosts[1:], strict=True))  # the owner stays, so it republishes
+        for round_ in range(12):
+            for node in rng.sample(sorted(alive, key=lambda n: n.node_id), 15):
+                alive.pop(node).set_down()
+            joined, joined_hosts = await start_nodes(
+                net, nursery, 15, seed=20 + round_, bootstrap_from=list(alive), certs=nodes[0].certs
+            )
+            alive.update(zip(joined, joined_hosts, strict=True))
+            await trio.sleep(5 * HANDOVER_INTERVAL)
+        live = [nodes[0], *alive]
+        holders = {n.node_id for n in _holders(live, key)}
+        closest = set(true_closest(live, key))
+        assert len(closest & holders) >= 18
+        assert len(holders) <= 30, len(holders)
+        assert (await live[-1].get_record(RecordKind.PEER, owner.public.key)).record == record
         nursery.cancel_scope.cancel()

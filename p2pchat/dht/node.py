@@ -968,9 +968,20 @@ class DhtNode:
         for group, key in self.store.keys():  # noqa: SIM118 - a method, not a dict
             if group is Space.COMPAT:
                 continue
-            handed = self._handed.setdefault((group, key), set())
             closest = self.routing.closest(key, self.k)
-            newcomers = [c for c in closest if c.node_id not in handed]
+            own = self.node_id.distance(key)
+            if len(closest) >= self.k and closest[-1].node_id.distance(key) < own:
+                # Not among the k closest to the key as far as we know: those who are do the hand-over, and our
+                # copy lives out its expiry.
+                continue
+            # Our table is complete near our own id, not near the key, so "the k closest we know" may reach farther
+            # out than the true k closest; giving to all of them would spread the key outward with every wave of
+            # joins.  So data flows inward (to nodes closer to the key than we are) from any holder, and outward
+            # only from the inner half, whose view of the key's neighbourhood is good.  That outward flow is what
+            # refills the outer ranks when holders die and known nodes move up into the k closest.
+            inner = sum(c.node_id.distance(key) < own for c in closest) < self.k // 2
+            handed = self._handed.setdefault((group, key), set())
+            newcomers = [c for c in closest if c.node_id not in handed and (inner or c.node_id.distance(key) < own)]
             for contact in newcomers:
                 if await self._give(contact, group, key):
                     given += 1
