@@ -235,6 +235,45 @@ async def test_idle_timeout(autojump_clock: trio.testing.MockClock) -> None:
         await channel.aclose()
 
 
+async def test_receive_each_until_close_and_its_idle_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    # receive_each moves its deadline at most every half idle timeout: a peer that speaks now and then is never
+    # timed out, and one that goes quiet is, between half the timeout and the whole of it after its last message.
+    quiet = trio.Event()
+
+    async def bob(channel: Channel) -> None:
+        for i in range(5):
+            await channel.send(b"tick %d" % i)
+            await trio.sleep(IDLE_TIMEOUT * 0.4)
+        quiet.set()
+        await trio.sleep_forever()
+
+    async with _network(21) as (_, client, server_host), _server(server_host, bob) as (address, _):
+        start = trio.current_time()
+        channel = await _connect(client, address)
+        got: list[bytes] = []
+        with pytest.raises(IdleTimeoutError, match="nothing arrived"):
+            await channel.receive_each(got.append)
+        assert got == [b"tick %d" % i for i in range(5)]
+        assert quiet.is_set()
+        last = 4 * IDLE_TIMEOUT * 0.4
+        assert last + IDLE_TIMEOUT / 2 <= trio.current_time() - start <= last + IDLE_TIMEOUT + 1.0
+        await channel.aclose()
+
+    async def alice_says_three(channel: Channel) -> None:
+        for word in (b"one", b"two", b"three"):
+            await channel.send(word)
+        await channel.aclose()
+
+    async with _network(22) as (_, client, server_host), _server(server_host, alice_says_three) as (address, _):
+        channel = await _connect(client, address)
+        got = []
+        await channel.receive_each(got.append)  # returns at the peer's close frame
+        assert got == [b"one", b"two", b"three"]
+        with pytest.raises(trio.EndOfChannel):
+            await channel.receive()
+        await channel.aclose()
+
+
 async def test_close_gives_up_on_a_peer_that_stopped_reading(autojump_clock: trio.testing.MockClock) -> None:
     async with _network(9) as (_, client, server_host):
         listener = await server_host.open_listener(server_host.address, PORT)

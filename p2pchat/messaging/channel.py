@@ -121,10 +121,13 @@ class _FrameReader:
                 return frame
             if decoder.buffered_size > STREAM_HEADER_SIZE + max_size:
                 raise ProtocolError(f"incoming frame is longer than the {max_size} bytes allowed here")
-            with trio.move_on_after(timeout) as scope:
+            if timeout == math.inf:
                 data = await self._stream.receive_some(_RECEIVE_CHUNK)
-            if scope.cancelled_caught:
-                raise IdleTimeoutError(f"nothing arrived for {timeout:g} s")
+            else:
+                with trio.move_on_after(timeout) as scope:
+                    data = await self._stream.receive_some(_RECEIVE_CHUNK)
+                if scope.cancelled_caught:
+                    raise IdleTimeoutError(f"nothing arrived for {timeout:g} s")
             if not data:
                 decoder.feed_eof()
                 return None
@@ -183,9 +186,18 @@ class Channel(trio.abc.Channel[bytes]):
         """
         if len(payload) > MAX_CHANNEL_FRAME:
             raise ValueError(f"a channel message is at most {MAX_CHANNEL_FRAME} bytes, got {len(payload)}")
-        async with self._send_lock:
+        lock = self._send_lock
+        # Uncontended (the usual case) the lock is taken without a trip through the scheduler: send_all below is
+        # this call's checkpoint.  A trio.Lock's acquire() always yields, which cost a third of a small message.
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             self._check_can_send()
             await self._send_frame(self._sender.seal(payload))
+        finally:
+            lock.release()
 
     def _check_can_send(self) -> None:
         if self._closed:
@@ -212,6 +224,41 @@ class Channel(trio.abc.Channel[bytes]):
         (which ends the channel); :class:`IdleTimeoutError` if nothing arrives for the idle timeout;
         :class:`trio.BrokenResourceError` if the connection ends without the peer's close frame.
         """
+        self._start_receiving()
+        try:
+            payload = await self._receive_one(self._idle_timeout)
+        finally:
+            self._receiving = False
+        if payload is None:
+            raise trio.EndOfChannel
+        return payload
+
+    async def receive_each(self, handle: Callable[[bytes], object]) -> None:
+        """Receive messages, handing each to *handle* as it arrives, until the peer closes the channel (then
+        return); raises as :meth:`receive` does.
+
+        This is the fast way to read a channel for good: :meth:`receive` must set up a timeout for every message,
+        which cost a fifth of a small message's time, while this loop keeps one and moves its deadline at most
+        every half idle timeout.  So here :class:`IdleTimeoutError` comes between half the idle timeout and the
+        whole of it after the last message (after the whole of it if nothing came since the call).
+        """
+        self._start_receiving()
+        idle = self._idle_timeout
+        try:
+            with trio.move_on_after(idle) as scope:
+                while True:
+                    payload = await self._receive_one(math.inf)
+                    if payload is None:
+                        return
+                    handle(payload)
+                    now = trio.current_time()
+                    if scope.deadline - now < idle / 2:
+                        scope.deadline = now + idle
+        finally:
+            self._receiving = False
+        raise IdleTimeoutError(f"nothing arrived for at least {idle / 2:g} s")
+
+    def _start_receiving(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the channel is closed")
         if self._peer_closed:
@@ -221,24 +268,23 @@ class Channel(trio.abc.Channel[bytes]):
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this channel")
         self._receiving = True
+
+    async def _receive_one(self, timeout: float) -> bytes | None:
+        """The next message, or None for the peer's close frame."""
         try:
-            try:
-                frame = await self._reader.next_frame(MAX_CHANNEL_WIRE_FRAME, self._idle_timeout)
-                if frame is None:
-                    raise trio.BrokenResourceError(
-                        "the connection ended without the peer's close frame (peer crashed, or the stream was cut)"
-                    )
-                payload = self._receiver.open(frame)
-            except ProtocolError as exc:
-                self._receive_error = f"the channel was ended by a bad incoming frame: {exc}"
-                self._send_broken = self._receive_error
-                await trio.aclose_forcefully(self._stream)
-                raise
-        finally:
-            self._receiving = False
+            frame = await self._reader.next_frame(MAX_CHANNEL_WIRE_FRAME, timeout)
+            if frame is None:
+                raise trio.BrokenResourceError(
+                    "the connection ended without the peer's close frame (peer crashed, or the stream was cut)"
+                )
+            payload = self._receiver.open(frame)
+        except ProtocolError as exc:
+            self._receive_error = f"the channel was ended by a bad incoming frame: {exc}"
+            self._send_broken = self._receive_error
+            await trio.aclose_forcefully(self._stream)
+            raise
         if payload is None:
             self._peer_closed = True
-            raise trio.EndOfChannel
         return payload
 
     async def aclose(self) -> None:

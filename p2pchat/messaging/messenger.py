@@ -639,12 +639,10 @@ class Messenger:
         if peer not in self._channels:
             self._channels[peer] = channel
         try:
-            while True:
-                try:
-                    wire = await channel.receive()
-                except (trio.EndOfChannel, P2PChatError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                self._take(peer, wire)
+            with contextlib.suppress(
+                trio.EndOfChannel, P2PChatError, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await channel.receive_each(lambda wire: self._take(peer, wire))
         finally:
             if self._channels.get(peer) is channel:
                 del self._channels[peer]
