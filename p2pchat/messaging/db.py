@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS messages_outbox ON messages (outgoing, state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_peer ON messages (peer, sent_at, seq);
+CREATE INDEX IF NOT EXISTS messages_seq ON messages (peer, outgoing, seq);
 CREATE TABLE IF NOT EXISTS pending_acks (peer BLOB NOT NULL, message_id BLOB NOT NULL,
     PRIMARY KEY (peer, message_id));
 CREATE TABLE IF NOT EXISTS seen_entries (entry_id BLOB PRIMARY KEY, expires_at REAL NOT NULL);
@@ -104,6 +105,9 @@ CREATE TABLE IF NOT EXISTS taken_wires (digest BLOB PRIMARY KEY, peer BLOB NOT N
     taken_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_initials (ephemeral BLOB PRIMARY KEY, seen_at REAL NOT NULL);
 """
+
+_SEQ_INDEX: Final = "CREATE INDEX IF NOT EXISTS messages_seq ON messages (peer, outgoing, seq)"
+"""Makes :meth:`MessageDB.next_seq` one index probe instead of a scan of the conversation."""
 
 _MESSAGE_COLUMNS: Final = (
     "id, peer, outgoing, text, sent_at, seq, state, replicas, reason, expires_at, received_at, wire, next_attempt,"
@@ -159,6 +163,9 @@ class MessageDB:
                         if statement.strip():
                             self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            else:
+                # Indexes added since version 1 was first written (an index changes no data, so no new version).
+                self._db.execute(_SEQ_INDEX)
             self._db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.DatabaseError as exc:
             raise DatabaseError(f"{self.path} is not a usable p2pchat database ({exc}); it was left untouched") from exc
