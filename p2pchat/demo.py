@@ -64,8 +64,8 @@ DEFAULT_NODES: Final = 8
 """Nodes in the demo network: alice, bob and six DHT nodes."""
 
 MIN_NODES: Final = 4
-"""Alice, bob and two DHT nodes: the fewest with which bob's mailbox has a holder other than alice while bob is
-away (alice holds a copy only when she is among the nodes closest to the mailbox key)."""
+"""Alice, bob and two DHT nodes.  With a single DHT node, bob's mail would have one holder besides alice's own
+node while he is away, and the demo would not show it replicated."""
 
 MAX_NODES: Final = 64
 """Most nodes the demo starts: each is a real node with its own sockets and databases.  Larger networks belong in
