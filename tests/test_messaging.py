@@ -79,6 +79,7 @@ async def test_alice_to_bob_online_goes_direct(autojump_clock: trio.testing.Mock
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         alice.add_contact("bob", bob.address)
         bob.add_contact("alice", alice.address)
+        assert not alice.messenger.has_channel(bob.key)
         row = alice.send("bob", "hello bob")
         assert alice.history("bob")[0].state is MessageState.QUEUED
         event = await _next(bob, IncomingMessage)
@@ -86,6 +87,7 @@ async def test_alice_to_bob_online_goes_direct(autojump_clock: trio.testing.Mock
         assert event.message.text == "hello bob" and event.message.peer == alice.key
         await _until_delivered(alice, {row.id}, 60)
         assert alice.messenger.stats.sent_direct >= 1 and alice.messenger.stats.stored_in_mailbox == 0
+        assert alice.messenger.has_channel(bob.key) and bob.messenger.has_channel(alice.key)
         reply = bob.send("alice", "hi alice")
         event = await _next(alice, IncomingMessage)
         assert isinstance(event, IncomingMessage) and event.message.text == "hi alice"

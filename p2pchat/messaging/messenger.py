@@ -674,6 +674,10 @@ class Messenger:
         self._peer_infos.pop(peer, None)  # none answered: look the record up afresh next time (it may have moved)
         return None
 
+    def has_channel(self, peer: bytes) -> bool:
+        """Whether a direct channel to *peer* is open now (as far as this node has noticed)."""
+        return peer in self._channels
+
     async def _drop_channel(self, peer: bytes) -> None:
         channel = self._channels.pop(peer, None)
         if channel is not None:
