@@ -259,7 +259,7 @@ async def keep_joined(
             if trio.current_time() >= next_bootstrap:
                 addresses = bootstrap_addresses(home, options)
                 answered = await join_once(node, addresses)
-                if not answered:
+                if not answered and not _connected(node):  # a LAN peer may have appeared meanwhile
                     _warn_alone(addresses, options, retry)
                     next_bootstrap = trio.current_time() + retry
                     retry = min(retry * 2, MAX_BOOTSTRAP_RETRY)

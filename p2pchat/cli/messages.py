@@ -81,7 +81,7 @@ async def _next_update(session: Session, view: JsonDict) -> JsonDict:
 async def _send(home: Home, args: argparse.Namespace, out: TextIO) -> int:
     async with open_session(home, args) as session:
         view = await session.send(args.name, args.text)
-        if not args.no_wait:
+        if not args.no_wait and session.joined:
             view = await _wait_for_state(session, view)
         print(describe_state(view, local=session.local), file=out)
         return 1 if view["state"] == "failed" else 0

@@ -38,6 +38,11 @@ class Session(Protocol):
         """True for a node run by this command (it stops when the command ends)."""
         ...
 
+    @property
+    def joined(self) -> bool:
+        """Whether the node knows someone (a local node that joined nobody can deliver nothing)."""
+        ...
+
     async def send(self, to: str, text: str) -> JsonDict:
         """Queue a message; its view."""
         ...
@@ -56,6 +61,7 @@ class DaemonSession:
     can wait for events and send at the same time)."""
 
     local = False
+    joined = True  # the daemon's business: it keeps trying
 
     def __init__(self, requests: ControlClient, events: ControlClient) -> None:
         self._requests = requests
@@ -83,9 +89,10 @@ class LocalSession:
 
     local = True
 
-    def __init__(self, service: ChatService, events: trio.MemoryReceiveChannel[JsonDict]) -> None:
+    def __init__(self, service: ChatService, events: trio.MemoryReceiveChannel[JsonDict], *, joined: bool) -> None:
         self._service = service
         self._events = events
+        self.joined = joined
 
     async def send(self, to: str, text: str) -> JsonDict:
         """Queue a message on the local node."""
@@ -151,5 +158,5 @@ async def open_session(home: Home, args: argparse.Namespace) -> AsyncIterator[Se
         if bootstrap_addresses(home, options) or options.lan:
             with trio.move_on_after(JOIN_WAIT):
                 await joined.wait()
-        yield LocalSession(service, stream)
+        yield LocalSession(service, stream, joined=joined.is_set())
         nursery.cancel_scope.cancel()
