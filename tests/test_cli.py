@@ -118,6 +118,7 @@ def test_bad_numbers_are_usage_errors(argv: list[str], capsys: pytest.CaptureFix
         (["run", "--host", "127.0.0.1", "--bootstrap", "127.0.0.1"], "not HOST:PORT"),
         (["run", "--host", "127.0.0.1", "--bootstrap", "127.0.0.1:0"], "port between 1 and 65535"),
         (["run", "--host", "127.0.0.1", "--lan-interface", "no-such-if0"], "no network interface named"),
+        (["run", "--host", "::1"], "LAN discovery works on IPv4 only"),
     ],
 )
 def test_node_option_mistakes(argv: list[str], message: str) -> None:
@@ -146,6 +147,17 @@ def test_init_id_and_refusing_to_overwrite(homes: dict[str, Any], capsys: pytest
     assert code == 0 and view["address"] in out and "name         alice" in out
     err = one_line_error(capsys, "--home", homes["alice"], "init")
     assert "never overwritten" in err and view["address"] in err
+
+
+def test_a_lost_profile_is_repaired_from_the_key(homes: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    home = Path(homes["alice"])
+    (home / "profile.json").unlink()
+    assert "p2pchat id --repair" in one_line_error(capsys, "--home", str(home), "id")
+    code, _, _ = run(capsys, "--home", str(home), "id", "--repair")
+    assert code == 0
+    assert json.loads(run(capsys, "--home", str(home), "id", "--json")[1])["address"] == homes["alice_address"]
+    (home / "profile.json").write_text('{"address": "p2p1nonsense"}')
+    assert "damaged" in one_line_error(capsys, "--home", str(home), "contacts", "list")
 
 
 def test_commands_on_a_home_without_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

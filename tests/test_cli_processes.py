@@ -132,14 +132,14 @@ async def users(tmp_path: Path) -> dict[str, Any]:
     return found
 
 
-async def start_daemon(nursery: trio.Nursery, home: Path, bootstrap: list[str]) -> Daemon:
+async def start_daemon(
+    nursery: trio.Nursery, home: Path, bootstrap: list[str], node_flags: list[str] = LOOPBACK_FLAGS
+) -> Daemon:
     """Start ``p2pchat run`` and wait for its ready line."""
     log = home / f"daemon-{len(list(home.glob('daemon-*.log')))}.log"
-    flags = [arg for address in bootstrap for arg in ("--bootstrap", address)]
+    flags = [*node_flags, *(arg for address in bootstrap for arg in ("--bootstrap", address))]
     with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            _command(home, "run", *LOOPBACK_FLAGS, *flags), stdout=subprocess.PIPE, stderr=stderr
-        )
+        process = await trio.lowlevel.open_process(_command(home, "run", *flags), stdout=subprocess.PIPE, stderr=stderr)
     nursery.start_soon(_reap, process)
     assert process.stdout is not None
     line = await Lines(process.stdout).until(lambda text: text.startswith("ready "))
@@ -259,6 +259,26 @@ async def test_two_daemons_chat(dht: list[str], users: dict[str, Any]) -> None:
         assert not (alice / "control.sock").exists()
         assert (alice / "bootstrap").read_text().strip()
         assert await bob_daemon.stop(signal.SIGINT) == 0
+
+
+async def test_daemons_find_each_other_on_the_lan(users: dict[str, Any]) -> None:
+    # No bootstrap at all: mDNS, bound to 127.0.0.1 only, is how the two nodes meet.
+    lan = ["--host", "127.0.0.1", "--udp-port", "0", "--tcp-port", "0", "--lan-interface", "127.0.0.1"]
+    alice, bob = users["alice"], users["bob"]
+    async with trio.open_nursery() as nursery:
+        for home in (alice, bob):
+            await start_daemon(nursery, home, [], lan)
+        for home in (alice, bob):
+
+            async def lan_peer(client: ControlClient) -> bool:
+                status = await client.request("status")
+                return bool(status["lan"] and status["lan_peers"] == 1)
+
+            await until(home, lan_peer, "a LAN peer found")
+        result = await p2pchat(alice, "send", "bob", "found you on the LAN")
+        assert result.returncode == 0, _text(result)
+        await message_with(alice, "bob", "found you on the LAN", "delivered")
+        nursery.cancel_scope.cancel()
 
 
 async def test_mail_waits_in_the_dht_while_the_recipient_is_away(dht: list[str], users: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def cmd_id(args: argparse.Namespace, home: Home, out: TextIO) -> int:
     """Print the address, node id and fingerprint."""
     if args.repair:
         home.require()
-        identity = unlock(home, args.passphrase_file)
+        identity = unlock(home, args.passphrase_file, check_profile=False)
         try:
             name = home.profile().name
         except UserError:

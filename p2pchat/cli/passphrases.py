@@ -47,8 +47,9 @@ def ask_new_passphrase(prompt: str) -> str | None:
     return first
 
 
-def unlock(home: Home, passphrase_file: str | None) -> Identity:
-    """The home's identity, unlocked with the passphrase from *passphrase_file* or the terminal if protected."""
+def unlock(home: Home, passphrase_file: str | None, *, check_profile: bool = True) -> Identity:
+    """The home's identity, unlocked with the passphrase from *passphrase_file* or the terminal if protected, and
+    checked against the home's profile (unless *check_profile* is false: repairing the profile)."""
     home.require()
     path = home.key_file
     passphrase = None
@@ -67,5 +68,6 @@ def unlock(home: Home, passphrase_file: str | None) -> Identity:
     except PassphraseError as exc:
         hint = "check the file given to --passphrase-file" if passphrase_file else "type it again"
         raise PassphraseError(f"{exc}; {hint}") from None
-    home.check_identity(identity)
+    if check_profile:
+        home.check_identity(identity)
     return identity

@@ -123,6 +123,10 @@ def node_options(args: argparse.Namespace) -> NodeOptions:
     if interfaces:
         resolve_interfaces(interfaces)  # a mistyped interface is reported before anything starts
     host = check_host(args.host) if args.host else default_host(interfaces)
+    if args.lan and not interfaces and ":" in host:
+        raise UserError(
+            f"LAN discovery works on IPv4 only and --host {host} is IPv6; add --no-lan or --lan-interface IPv4-ADDRESS"
+        )
     return NodeOptions(
         host=host,
         udp_port=args.udp_port,
