@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -19,7 +20,7 @@ from p2pchat.core.identity import Identity, PublicIdentity
 from p2pchat.core.nodecert import CertCache
 from p2pchat.core.routing import K
 from p2pchat.dht.node import DhtConfig, DhtNode
-from p2pchat.dht.store import SqliteBackend, Store
+from p2pchat.dht.store import Space, SqliteBackend, Store
 from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, UserError
 from p2pchat.lan.discovery import LanDiscovery
@@ -27,7 +28,7 @@ from p2pchat.messaging.db import MessageDB, MessageRow
 from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage, Messenger
 from p2pchat.net.base import Address
 
-__all__ = ["DHT_DB_NAME", "LAN_PUBLISH_CHECK", "MESSAGES_DB_NAME", "Node"]
+__all__ = ["DHT_DB_NAME", "LAN_PUBLISH_CHECK", "MESSAGES_DB_NAME", "Node", "NodeStatus"]
 
 DHT_DB_NAME = "dht.sqlite"
 """File in the home directory holding what this node stores for others."""
@@ -37,6 +38,25 @@ MESSAGES_DB_NAME = "messages.sqlite"
 
 LAN_PUBLISH_CHECK = 2.0
 """Seconds between checks for new LAN peers to publish our records to (LAN-only mode has no bootstrap)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """Counts a front end shows: who this node knows, what it holds for others, what it still has to send."""
+
+    peers_known: int
+    """Distinct nodes known: DHT routing-table contacts and verified LAN peers together."""
+    dht_contacts: int
+    """Contacts in the DHT routing table."""
+    lan_peers: int
+    """Verified LAN peers (0 without LAN discovery)."""
+    mailbox_entries_held: int
+    """Mailbox entries this node stores for other users."""
+    records_held: int
+    """Signed records (peer and prekey records) this node stores, its own included when it is among their closest
+    nodes."""
+    outbox: int
+    """Outgoing messages not yet delivered (queued, sent or stored)."""
 
 
 class Node:
@@ -127,6 +147,23 @@ class Node:
         if answered:
             await self.messenger.publish()
         return answered
+
+    def status(self) -> NodeStatus:
+        """The node's counts now (cheap enough for a status page: one pass over the store's keys)."""
+        dht_ids = {contact.node_id for contact in self.dht.contacts()}
+        lan_ids = {peer.node_id for peer in self.lan.peers.values()} if self.lan is not None else set()
+        own_mailbox = self.messenger.mailbox_key
+        held = list(self.store.keys())  # (space, key) pairs: the store is not a mapping
+        entries = sum(self.store.entry_count(key) for space, key in held if space is Space.ENTRY and key != own_mailbox)
+        records = sum(1 for space, _ in held if space is Space.RECORD)
+        return NodeStatus(
+            peers_known=len(dht_ids | lan_ids),
+            dht_contacts=len(dht_ids),
+            lan_peers=len(lan_ids),
+            mailbox_entries_held=entries,
+            records_held=records,
+            outbox=len(self.db.open_outgoing()),
+        )
 
     def _peer_key(self, peer: str | bytes) -> bytes:
         if isinstance(peer, bytes):

@@ -304,6 +304,22 @@ class MessageDB:
             ).fetchall()
         return [_message(r) for r in rows]
 
+    def recent(self, peer: bytes | None, limit: int, *, incoming_only: bool = False) -> list[MessageRow]:
+        """The newest *limit* messages with *peer* (or all; or only those received), oldest first."""
+        where = []
+        values: list[object] = []
+        if peer is not None:
+            where.append("peer = ?")
+            values.append(peer)
+        if incoming_only:
+            where.append("outgoing = 0")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {clause} ORDER BY sent_at DESC, seq DESC LIMIT ?",
+            (*values, limit),
+        ).fetchall()
+        return [_message(r) for r in reversed(rows)]
+
     def open_outgoing(self) -> list[MessageRow]:
         """Outgoing messages not yet delivered or failed, oldest first (the outbox)."""
         marks = ", ".join("?" for _ in _OPEN_STATES)
@@ -312,6 +328,14 @@ class MessageDB:
             tuple(str(s) for s in _OPEN_STATES),
         ).fetchall()
         return [_message(r) for r in rows]
+
+    def reschedule_open(self, at: float) -> None:
+        """Set the next attempt of every open outgoing message to *at*."""
+        marks = ", ".join("?" for _ in _OPEN_STATES)
+        self._db.execute(
+            f"UPDATE messages SET next_attempt = ? WHERE outgoing = 1 AND state IN ({marks})",
+            (at, *(str(s) for s in _OPEN_STATES)),
+        )
 
     def next_seq(self, peer: bytes) -> int:
         """The next outgoing sequence number in the conversation with *peer*."""

@@ -212,6 +212,10 @@ class Messenger:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve direct channels, deliver, fetch the mailbox and publish records until cancelled."""
         self._listener = await self.env.network.open_listener(self.host, self.tcp_port)
+        # Retry times are on trio's clock, which starts anew in every process: after a restart the stored ones mean
+        # nothing, so everything still open is due now.  One idempotent statement, left to SQLite's autocommit: a
+        # crash right after it is the same as a crash before it, so it is no commit boundary worth a hook call.
+        self.db.reschedule_open(trio.current_time())
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -258,6 +262,13 @@ class Messenger:
         if address not in hints:
             hints.insert(0, address)
             del hints[4:]
+
+    def retry_now(self) -> None:
+        """Make every open outgoing message (and owed acknowledgement) due now, e.g. once the node has joined the
+        DHT: attempts made while it knew no one failed for want of peers, not because the recipient is away."""
+        with self.db.transaction():
+            self.db.reschedule_open(trio.current_time())
+        self._wake.set()
 
     # --- sending -------------------------------------------------------------------------------------------------
 
