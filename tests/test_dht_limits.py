@@ -123,7 +123,7 @@ async def test_parts_are_retried_over_a_lossy_link(autojump_clock: trio.testing.
         expires = int(nodes[0].env.wall_time()) + 3600
         record = sign_record(owner, RecordKind.PEER, 1, expires, rng.randbytes(MAX_VALUE_BYTES))
         put = await nodes[0].put_record(record)
-        assert put.stored >= 15  # 65 parts to each of 20 nodes, 10% of datagrams lost each way
+        assert put.stored >= 14  # 65 parts to each of 20 nodes, 10% of datagrams lost each way
         assert (await nodes[29].get_record(RecordKind.PEER, owner.public.key)).record == record
         assert net.stats.lost > 100
         nursery.cancel_scope.cancel()

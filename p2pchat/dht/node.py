@@ -738,6 +738,16 @@ class DhtNode:
             return True
         return self.node_id.distance(key) < others[-1].node_id.distance(key)
 
+    def _replica_set(self, key: NodeId, closest: list[Candidate]) -> tuple[list[Candidate], bool]:
+        """The k closest nodes to *key* counting this one: the other nodes to store at, and whether to store here.
+
+        Storing at k others *and* here made k + 1 copies, one beyond the k closest a later delete reaches, which
+        then lingered until it expired.
+        """
+        if not self._among_closest(key, closest):
+            return closest, False
+        return closest[: self.k - 1], True
+
     def _store_locally(self, space: Space, key: NodeId, blob: bytes) -> bool:
         try:
             self.store.put(space, key, blob, self.host, self.env.wall_time())
@@ -749,7 +759,7 @@ class DhtNode:
         self, key: NodeId, lookup_space: LookupSpace, space: ItemSpace, blob: bytes, seq: int | None = None
     ) -> PutResult:
         lookup, fetched = await self._find_value(key, lookup_space)
-        closest = lookup.result()
+        closest, here = self._replica_set(key, lookup.result())
         targets: list[tuple[Candidate, Found]] = []
         already = 0
         digest = blob_digest(blob)
@@ -761,9 +771,9 @@ class DhtNode:
                 continue
             targets.append((candidate, found))
         stored = already + await self._store_many(targets, key, space, blob)
-        if self._among_closest(key, closest) and self._store_locally(_ITEM_TO_STORE[space], key, blob):
+        if here and self._store_locally(_ITEM_TO_STORE[space], key, blob):
             stored += 1
-        return PutResult(stored, len(closest), lookup.hops, lookup.rpcs)
+        return PutResult(stored, len(closest) + here, lookup.hops, lookup.rpcs)
 
     # --- the API: records --------------------------------------------------------------------------------------
 
@@ -872,15 +882,15 @@ class DhtNode:
         if not entries:
             return []
         lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
-        closest = lookup.result()
+        closest, here = self._replica_set(mailbox, lookup.result())
         targets = [(c, fetched.replies[c.node_id][1]) for c in closest]
         results: list[PutResult] = []
         for entry in entries:
             blob = encode_entry(entry)
             stored = await self._store_many(targets, mailbox, ItemSpace.ENTRY, blob)
-            if self._among_closest(mailbox, closest) and self._store_locally(Space.ENTRY, mailbox, blob):
+            if here and self._store_locally(Space.ENTRY, mailbox, blob):
                 stored += 1
-            results.append(PutResult(stored, len(closest), lookup.hops, lookup.rpcs))
+            results.append(PutResult(stored, len(closest) + here, lookup.hops, lookup.rpcs))
         return results
 
     async def delete_entries(self, tombstone: Tombstone) -> PutResult:
