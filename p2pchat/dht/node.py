@@ -759,7 +759,16 @@ class DhtNode:
         self, key: NodeId, lookup_space: LookupSpace, space: ItemSpace, blob: bytes, seq: int | None = None
     ) -> PutResult:
         lookup, fetched = await self._find_value(key, lookup_space)
-        closest, here = self._replica_set(key, lookup.result())
+        if space is ItemSpace.TOMBSTONE:
+            # A delete must reach every copy, not just the k closest now: the k closest when an entry was stored
+            # may differ (the mailbox owner, offline then, is back among them).  So the tombstone goes to the k
+            # closest, this node, and every node the lookup found holding entries of this mailbox.
+            closest = lookup.result()
+            here = self._among_closest(key, closest) or bool(self.store.items_for(Space.ENTRY, key))
+            listed = {c.node_id for c in closest}
+            closest += [c for c, found in fetched.replies.values() if found.entries > 0 and c.node_id not in listed]
+        else:
+            closest, here = self._replica_set(key, lookup.result())
         targets: list[tuple[Candidate, Found]] = []
         already = 0
         digest = blob_digest(blob)
