@@ -96,6 +96,33 @@ async def test_alice_to_bob_online_goes_direct(autojump_clock: trio.testing.Mock
         nursery.cancel_scope.cancel()
 
 
+async def test_a_sent_message_awaiting_its_ack_is_not_resent_with_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each message sent while the previous one's acknowledgement is on its way: the next send must not drag the
+    # sent-but-unacknowledged ones along (that made duplicates at the receiver under load), and the session's
+    # ratchet states are decoded once each, not at every message.
+    async with open_sim_network(45, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        alice.add_contact("bob", bob.address)
+        ids = set()
+        for i in range(10):
+            row = alice.send("bob", f"message {i}")
+            ids.add(row.id)
+            while True:
+                event = await _next(alice, DeliveryUpdate)
+                assert isinstance(event, DeliveryUpdate)
+                if event.message_id == row.id and event.state is MessageState.SENT:
+                    break
+        await _until_delivered(alice, ids, 60)
+        assert bob.messenger.stats.received == 10 and bob.messenger.stats.duplicates == 0
+        assert alice.messenger.stats.sent_direct == 10
+        # One decoding of the initial state at most on each side; every later state was known from its encoding.
+        assert alice.messenger._sessions.decoded <= 2 and bob.messenger._sessions.decoded <= 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(42, default_link=LINK) as net, trio.open_nursery() as nursery:
         world = await _world(net, nursery)

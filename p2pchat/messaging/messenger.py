@@ -59,6 +59,7 @@ from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, ProtocolError, UserError
 from p2pchat.messaging.channel import Channel, open_channel, serve_channels
 from p2pchat.messaging.db import ContactStatus, MessageDB, MessageRow, MessageState
+from p2pchat.messaging.sessions import SessionCodec
 from p2pchat.net.base import Address, Listener
 
 __all__ = [
@@ -174,6 +175,7 @@ class Messenger:
         self.key = identity.public.key
         self.dht = dht
         self.db = db
+        self._sessions = SessionCodec()
         self.host = host
         self.tcp_port = tcp_port
         self.stats = MessengerStats()
@@ -324,9 +326,17 @@ class Messenger:
             open_rows.setdefault(row.peer, []).append(row)
             if row.next_attempt is None or row.next_attempt <= now:
                 due_peers.add(row.peer)
-        # When one message to a peer is due, try all of that peer's: one lookup and one connection serve them all,
-        # and their retries fall into step.
-        due = {peer: open_rows[peer] for peer in due_peers}
+        # When one message to a peer is due, try all of that peer's that are not already sent and awaiting their
+        # acknowledgement: one lookup and one connection serve them all, and their retries fall into step.  A sent
+        # one waits for its own time (its ack may be on the way: resending early only makes duplicates).
+        due = {
+            peer: [
+                r
+                for r in open_rows[peer]
+                if r.state is not MessageState.SENT or r.next_attempt is None or r.next_attempt <= now
+            ]
+            for peer in due_peers
+        }
         owed = self.db.acks_owed()
         peers = set(due) | set(owed)
         async with trio.open_nursery() as nursery:
@@ -441,12 +451,15 @@ class Messenger:
         stored = self.db.session(peer)
         if stored is None:
             return None, None
-        current = decode(SessionRecord, stored[0])
-        previous = None if stored[1] is None else decode(SessionRecord, stored[1])
+        current = self._sessions.record(stored[0])
+        previous = None if stored[1] is None else self._sessions.record(stored[1])
         return current, previous
 
     def _save(self, peer: bytes, current: SessionRecord, previous: SessionRecord | None) -> None:
-        self.db.set_session(peer, encode(current), None if previous is None else encode(previous))
+        codec = self._sessions
+        self.db.set_session(
+            peer, codec.encode_record(current), None if previous is None else codec.encode_record(previous)
+        )
 
     async def _ensure_session(self, peer: bytes) -> None:
         if self.db.session(peer) is not None:
@@ -459,7 +472,7 @@ class Messenger:
         shared, initial, associated = x3dh.initiate(self.identity, bundle, self.env.random_bytes)
         state = ratchet.init_sender(shared, bundle.signed_prekey, self.env.random_bytes)
         initial_bytes = x3dh.encode_initial_header(initial)
-        record = SessionRecord(ratchet.encode_state(state), associated, initial_bytes, None, False)
+        record = SessionRecord(self._sessions.encode_state(state), associated, initial_bytes, None, False)
         with self.db.transaction():
             if self.db.session(peer) is None:
                 self._save(peer, record, None)
@@ -470,12 +483,12 @@ class Messenger:
             current, previous = self._records(peer)
             if current is None:
                 raise P2PChatError("no session with this peer")
-            state = ratchet.decode_state(current.ratchet)
+            state = self._sessions.state(current.ratchet)
             state, header, ciphertext = ratchet.encrypt(
                 state, encode(content), current.associated_data, self.env.random_bytes
             )
             updated = SessionRecord(
-                ratchet.encode_state(state),
+                self._sessions.encode_state(state),
                 current.associated_data,
                 current.initial,
                 current.peer_ephemeral,
@@ -509,7 +522,7 @@ class Messenger:
                 prekeys, shared, associated, _ = x3dh.respond(self.identity, prekeys, initial, self.env.wall_time())
                 private, public = x3dh.signed_prekey_pair(prekeys, initial.signed_prekey_id)
                 state = ratchet.init_receiver(shared, private, public)
-                fresh = SessionRecord(ratchet.encode_state(state), associated, None, initial.ephemeral_key, True)
+                fresh = SessionRecord(self._sessions.encode_state(state), associated, None, initial.ephemeral_key, True)
                 candidates.append(("fresh", fresh))
                 prekeys_after = x3dh.encode_prekey_state(prekeys)
         else:
@@ -517,7 +530,7 @@ class Messenger:
         for name, record in candidates:
             try:
                 state, plaintext = ratchet.decrypt(
-                    ratchet.decode_state(record.ratchet),
+                    self._sessions.state(record.ratchet),
                     header,
                     message.ciphertext,
                     record.associated_data,
@@ -527,7 +540,7 @@ class Messenger:
                 continue
             content = decode(Content, plaintext)
             stepped = SessionRecord(
-                ratchet.encode_state(state),
+                self._sessions.encode_state(state),
                 record.associated_data,
                 None,  # the peer has answered on this session: no need to attach our initial header any more
                 record.peer_ephemeral,
