@@ -31,8 +31,8 @@ from p2pchat.core.envelope import (
     seal,
 )
 from p2pchat.core.identity import Identity
+from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.records import MAX_VALUE_BYTES, decode_entry, encode_entry, mailbox_key, make_entry, validate_entry
-from p2pchat.core.x3dh import hkdf_sha256
 from p2pchat.errors import ProtocolError
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -65,7 +65,9 @@ def _reference_seal(inner: bytes, mailbox_public_key: bytes, ephemeral: bytes) -
     mailbox_x25519 = bytes(nacl.signing.VerifyKey(mailbox_public_key).to_curve25519_public_key())
     ephemeral_public = nacl.bindings.crypto_scalarmult_base(ephemeral)
     shared = nacl.bindings.crypto_scalarmult(ephemeral, mailbox_x25519)
-    okm = hkdf_sha256(shared + ephemeral_public + mailbox_x25519, bytes(32), b"p2pchat-envelope-key-v1", 56)
+    okm = hkdf_sha256(
+        salt=bytes(32), ikm=shared + ephemeral_public + mailbox_x25519, info=b"p2pchat-envelope-key-v1", length=56
+    )
     header = bytes((ENVELOPE_VERSION,)) + ephemeral_public
     return header + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(inner, header, okm[32:], okm[:32])
 

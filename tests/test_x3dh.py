@@ -36,7 +36,6 @@ from p2pchat.core.records import (
 )
 from p2pchat.core.schema import to_wire
 from p2pchat.core.x3dh import (
-    HKDF_MAX_LENGTH,
     MAX_ENCODED_BUNDLE_BYTES,
     MAX_ENCODED_HEADER_BYTES,
     MAX_ENCODED_PREKEY_STATE_BYTES,
@@ -63,7 +62,6 @@ from p2pchat.core.x3dh import (
     encode_bundle,
     encode_initial_header,
     encode_prekey_state,
-    hkdf_sha256,
     initiate,
     new_prekeys,
     replenish,
@@ -168,28 +166,6 @@ def _resign(identity: Identity, bundle: PrekeyBundle, **changes: Any) -> PrekeyB
         changed.one_time_prekeys,
     )
     return dataclasses.replace(changed, signature=identity.sign(message))
-
-
-# --- HKDF ---------------------------------------------------------------------------------------------------------
-
-
-def test_hkdf_matches_rfc5869_test_case_1() -> None:
-    okm = hkdf_sha256(b"\x0b" * 22, bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
-    assert okm.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
-
-
-def test_hkdf_matches_rfc5869_test_case_3_empty_salt_and_info() -> None:
-    okm = hkdf_sha256(b"\x0b" * 22, b"", b"", 42)
-    assert okm.hex() == ("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
-
-
-def test_hkdf_length_limit() -> None:
-    longest = hkdf_sha256(b"ikm", b"salt", b"info", HKDF_MAX_LENGTH)
-    assert len(longest) == HKDF_MAX_LENGTH == 255 * 32
-    assert longest[:42] == hkdf_sha256(b"ikm", b"salt", b"info", 42)  # a prefix of the same stream
-    for bad in (0, HKDF_MAX_LENGTH + 1):
-        with pytest.raises(ValueError, match="HKDF"):
-            hkdf_sha256(b"ikm", b"salt", b"info", bad)
 
 
 # --- agreement ----------------------------------------------------------------------------------------------------

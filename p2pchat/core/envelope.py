@@ -36,12 +36,12 @@ import nacl.exceptions
 
 from p2pchat.core.framing import unpack_strict
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
+from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.records import MAX_VALUE_BYTES
 from p2pchat.core.schema import Bytes, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
 from p2pchat.core.x3dh import (
     X25519_KEY_BYTES,
     ed25519_to_x25519_public,
-    hkdf_sha256,
     identity_x25519_private,
     x25519_public,
     x25519_shared,
@@ -128,7 +128,10 @@ def envelope_message(mailbox_public_key: bytes, payload: bytes) -> bytes:
 
 def _key_and_nonce(shared: bytes, ephemeral_public: bytes, mailbox_x25519: bytes) -> tuple[bytes, bytes]:
     okm = hkdf_sha256(
-        shared + ephemeral_public + mailbox_x25519, b"", ENVELOPE_KDF_INFO, _AEAD_KEY_BYTES + _AEAD_NONCE_BYTES
+        salt=b"",
+        ikm=shared + ephemeral_public + mailbox_x25519,
+        info=ENVELOPE_KDF_INFO,
+        length=_AEAD_KEY_BYTES + _AEAD_NONCE_BYTES,
     )
     return okm[:_AEAD_KEY_BYTES], okm[_AEAD_KEY_BYTES:]
 

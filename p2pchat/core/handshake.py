@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final, TypeVar
@@ -53,6 +52,7 @@ import nacl.exceptions
 
 from p2pchat.core.framing import MAX_STREAM_FRAME, unpack_strict
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
+from p2pchat.core.kdf import hkdf_expand, hkdf_extract
 from p2pchat.core.schema import Bytes, Int, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
 from p2pchat.errors import ProtocolError
 
@@ -199,25 +199,6 @@ def _decode_message(cls: type[_S], data: bytes) -> _S:
 def _hash(*parts: bytes) -> bytes:
     # Every part but the last has a fixed length, so the concatenation is unambiguous.
     return hashlib.sha256(b"".join(parts)).digest()
-
-
-def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
-    """RFC 5869 HKDF-Extract with SHA-256."""
-    return hmac.new(salt, ikm, hashlib.sha256).digest()
-
-
-def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    """RFC 5869 HKDF-Expand with SHA-256."""
-    if not 0 < length <= 255 * hashlib.sha256().digest_size:
-        raise ValueError(f"HKDF-SHA256 can produce 1..{255 * 32} bytes, not {length}")
-    output = b""
-    block = b""
-    counter = 1
-    while len(output) < length:
-        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
-        output += block
-        counter += 1
-    return output[:length]
 
 
 def _x25519(secret: bytes, public: bytes) -> bytes:
@@ -537,10 +518,10 @@ class Handshake:
     @staticmethod
     def _handshake_keys(h2: bytes, ee: bytes) -> tuple[bytes, bytes]:
         """The keys sealing message 2 (responder) and message 3 (initiator)."""
-        prk = _hkdf_extract(h2, ee)
+        prk = hkdf_extract(salt=h2, ikm=ee)
         return (
-            _hkdf_expand(prk, PROTOCOL_NAME + b" handshake responder", _KEY_BYTES),
-            _hkdf_expand(prk, PROTOCOL_NAME + b" handshake initiator", _KEY_BYTES),
+            hkdf_expand(prk=prk, info=PROTOCOL_NAME + b" handshake responder", length=_KEY_BYTES),
+            hkdf_expand(prk=prk, info=PROTOCOL_NAME + b" handshake initiator", length=_KEY_BYTES),
         )
 
     def _check_proof(self, proof: bytes, role: bytes, transcript: bytes) -> PublicIdentity:
@@ -561,9 +542,13 @@ class Handshake:
         return peer
 
     def _finish(self, final_hash: bytes, ee: bytes, peer: PublicIdentity) -> None:
-        prk = _hkdf_extract(final_hash, ee)
-        to_responder = _hkdf_expand(prk, PROTOCOL_NAME + b" transport initiator to responder", _KEY_BYTES)
-        to_initiator = _hkdf_expand(prk, PROTOCOL_NAME + b" transport responder to initiator", _KEY_BYTES)
+        prk = hkdf_extract(salt=final_hash, ikm=ee)
+        to_responder = hkdf_expand(
+            prk=prk, info=PROTOCOL_NAME + b" transport initiator to responder", length=_KEY_BYTES
+        )
+        to_initiator = hkdf_expand(
+            prk=prk, info=PROTOCOL_NAME + b" transport responder to initiator", length=_KEY_BYTES
+        )
         if self._initiator:
             sender, receiver = SendCipher(to_responder), ReceiveCipher(to_initiator)
         else:

@@ -23,7 +23,7 @@ Algorithms
 
 * DH: X25519 (``crypto_scalarmult``); a key pair is ``random_bytes(32)`` as the private scalar (libsodium
   clamps it) and its base-point multiple.  A peer key of small order (an all-zero shared secret) is refused.
-* KDF_RK: HKDF-SHA256 (:func:`hkdf_sha256`, RFC 5869) with salt = root key, IKM = DH output,
+* KDF_RK: HKDF-SHA256 (:func:`p2pchat.core.kdf.hkdf_sha256`, RFC 5869) with salt = root key, IKM = DH output,
   info = :data:`ROOT_KDF_INFO`, 64 bytes: the new root key and a chain key.
 * KDF_CK: message key = HMAC-SHA256(chain key, 0x01), next chain key = HMAC-SHA256(chain key, 0x02).
 * ENCRYPT: XChaCha20-Poly1305 (IETF), key and nonce = HKDF-SHA256 (zero salt, IKM = message key,
@@ -47,7 +47,6 @@ dropped first).  A message whose key was dropped, or already used, cannot be dec
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import struct
 from collections.abc import Callable
@@ -59,6 +58,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from p2pchat.core.framing import unpack_strict
+from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.schema import (
     Bytes,
     Int,
@@ -74,7 +74,6 @@ from p2pchat.core.schema import (
 from p2pchat.errors import ProtocolError
 
 __all__ = [
-    "HKDF_MAX_BYTES",
     "KEY_BYTES",
     "MAX_CHAIN_LENGTH",
     "MAX_CIPHERTEXT_BYTES",
@@ -96,7 +95,6 @@ __all__ = [
     "encode_header",
     "encode_state",
     "encrypt",
-    "hkdf_sha256",
     "init_receiver",
     "init_sender",
 ]
@@ -115,8 +113,6 @@ ROOT_KDF_INFO: Final = b"p2pchat-ratchet-rk"
 MESSAGE_KDF_INFO: Final = b"p2pchat-ratchet-msg"
 """HKDF info turning a message key into an AEAD key and nonce."""
 
-HKDF_MAX_BYTES: Final = 255 * hashlib.sha256().digest_size
-"""Most bytes HKDF-SHA256 can produce (RFC 5869: 255 blocks of the hash's length)."""
 
 MAX_PLAINTEXT_BYTES: Final = 66 * 1024
 """Largest plaintext :func:`encrypt` takes: a 64 KiB message plus 2 KiB for its msgpack wrapper.
@@ -161,7 +157,6 @@ _MESSAGE_KEY_CONSTANT: Final = b"\x01"
 _CHAIN_KEY_CONSTANT: Final = b"\x02"
 _NONCE_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 _AEAD_KEY_BYTES: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
-_ZERO_SALT: Final = bytes(hashlib.sha256().digest_size)
 
 # --- schema -----------------------------------------------------------------------------------------------------
 
@@ -230,21 +225,6 @@ MAX_ENCODED_STATE_BYTES: Final = 1 + max_wire_size(RatchetState)
 # --- primitives -------------------------------------------------------------------------------------------------
 
 
-def hkdf_sha256(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869): extract with *salt* (empty means the RFC's zero salt), expand to *length* bytes."""
-    if not 0 < length <= HKDF_MAX_BYTES:
-        raise ValueError(f"HKDF-SHA256 produces 1..{HKDF_MAX_BYTES} bytes, not {length}")
-    prk = hmac.digest(salt or _ZERO_SALT, ikm, "sha256")
-    block = b""
-    output = bytearray()
-    counter = 1
-    while len(output) < length:
-        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
-        output += block
-        counter += 1
-    return bytes(output[:length])
-
-
 def _dh(private: bytes, public: bytes) -> bytes:
     """X25519; a peer key of small order gives an all-zero secret, which libsodium refuses and so do we."""
     try:
@@ -262,7 +242,7 @@ def _generate_key_pair(random_bytes: Callable[[int], bytes]) -> tuple[bytes, byt
 
 def _kdf_rk(root_key: bytes, dh_output: bytes) -> tuple[bytes, bytes]:
     """KDF_RK: (new root key, new chain key)."""
-    okm = hkdf_sha256(root_key, dh_output, ROOT_KDF_INFO, 2 * KEY_BYTES)
+    okm = hkdf_sha256(salt=root_key, ikm=dh_output, info=ROOT_KDF_INFO, length=2 * KEY_BYTES)
     return okm[:KEY_BYTES], okm[KEY_BYTES:]
 
 
@@ -275,7 +255,7 @@ def _kdf_ck(chain_key: bytes) -> tuple[bytes, bytes]:
 
 
 def _aead_key_and_nonce(message_key: bytes) -> tuple[bytes, bytes]:
-    okm = hkdf_sha256(_ZERO_SALT, message_key, MESSAGE_KDF_INFO, _AEAD_KEY_BYTES + _NONCE_BYTES)
+    okm = hkdf_sha256(salt=b"", ikm=message_key, info=MESSAGE_KDF_INFO, length=_AEAD_KEY_BYTES + _NONCE_BYTES)
     return okm[:_AEAD_KEY_BYTES], okm[_AEAD_KEY_BYTES:]
 
 

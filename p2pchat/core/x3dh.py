@@ -25,7 +25,7 @@ Algorithms
 * ``DH1 = DH(IK_A, SPK_B)``, ``DH2 = DH(EK_A, IK_B)``, ``DH3 = DH(EK_A, SPK_B)``, ``DH4 = DH(EK_A, OPK_B)`` when
   Bob's bundle offers a one-time prekey; an all-zero DH output (a low-order point) is refused.
 * ``SK = HKDF-SHA256(IKM = F || DH1 || DH2 || DH3 [|| DH4], salt = 32 zero bytes, info = X3DH_INFO)``, 32 bytes,
-  with ``F`` 32 0xFF bytes (:func:`hkdf_sha256`, RFC 5869).
+  with ``F`` 32 0xFF bytes (:func:`p2pchat.core.kdf.hkdf_sha256`, RFC 5869).
 * ``AD = IK_A || IK_B``: the two Ed25519 public keys, 64 bytes.
 
 The bundle signature covers the whole bundle
@@ -62,7 +62,6 @@ Private keys are Python ``bytes`` and cannot be wiped; they live as long as the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import itertools
 import struct
@@ -76,6 +75,7 @@ import nacl.exceptions
 
 from p2pchat.core.framing import unpack_strict
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
+from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.records import CLOCK_SKEW_ALLOWANCE, MAX_MAILBOX_TTL, MAX_TIMESTAMP
 from p2pchat.core.schema import (
     Bytes,
@@ -93,7 +93,6 @@ from p2pchat.errors import ProtocolError
 
 __all__ = [
     "ASSOCIATED_DATA_BYTES",
-    "HKDF_MAX_LENGTH",
     "MAX_ENCODED_BUNDLE_BYTES",
     "MAX_ENCODED_HEADER_BYTES",
     "MAX_ENCODED_PREKEY_STATE_BYTES",
@@ -126,7 +125,6 @@ __all__ = [
     "encode_bundle",
     "encode_initial_header",
     "encode_prekey_state",
-    "hkdf_sha256",
     "identity_x25519_private",
     "initiate",
     "new_prekeys",
@@ -152,8 +150,6 @@ SHARED_KEY_BYTES: Final = 32
 ASSOCIATED_DATA_BYTES: Final = 2 * PUBLIC_KEY_BYTES
 """Size of the associated data ``IK_A || IK_B``."""
 
-HKDF_MAX_LENGTH: Final = 255 * hashlib.sha256().digest_size
-"""Most bytes :func:`hkdf_sha256` can derive (RFC 5869: 255 blocks of the hash's output)."""
 
 MAX_PREKEY_ID: Final = (1 << 32) - 1
 """Largest prekey id (signed and one-time ids count separately): four bytes in the signed layout.
@@ -202,7 +198,6 @@ X3DH_KDF_PADDING: Final = b"\xff" * 32
 """The spec's ``F``: 32 0xFF bytes before the DH outputs, so the IKM never starts like an X25519 output would in
 another protocol (the spec's guard for XEdDSA; kept for conformance)."""
 
-_ZERO_SALT: Final = bytes(hashlib.sha256().digest_size)
 _BUNDLE_HEADER: Final = struct.Struct(f">{PUBLIC_KEY_BYTES}sIQ{X25519_KEY_BYTES}sH")
 _BUNDLE_PREKEY: Final = struct.Struct(f">I{X25519_KEY_BYTES}s")
 _INDEX_BYTES: Final = 8
@@ -331,24 +326,6 @@ MAX_ENCODED_PREKEY_STATE_BYTES: Final = max_wire_size(PrekeyState)
 # --- primitives -------------------------------------------------------------------------------------------------
 
 
-def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869): *length* bytes from *ikm*; an empty *salt* means 32 zero bytes, as the RFC says.
-
-    :class:`ValueError` unless ``1 <= length <= HKDF_MAX_LENGTH``.
-    """
-    if not 1 <= length <= HKDF_MAX_LENGTH:
-        raise ValueError(f"HKDF-SHA256 derives 1..{HKDF_MAX_LENGTH} bytes, asked for {length}")
-    prk = hmac.digest(salt or _ZERO_SALT, ikm, "sha256")
-    output = bytearray()
-    block = b""
-    counter = 0
-    while len(output) < length:
-        counter += 1
-        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
-        output += block
-    return bytes(output[:length])
-
-
 def x25519_public(private_key: bytes) -> bytes:
     """The X25519 public key of *private_key* (libsodium clamps the scalar)."""
     if type(private_key) is not bytes or len(private_key) != X25519_KEY_BYTES:
@@ -412,7 +389,7 @@ def _new_private_key(random_bytes: RandomBytes) -> bytes:
 
 
 def _derive_shared_key(dh_outputs: Iterable[bytes]) -> bytes:
-    return hkdf_sha256(X3DH_KDF_PADDING + b"".join(dh_outputs), _ZERO_SALT, X3DH_INFO, SHARED_KEY_BYTES)
+    return hkdf_sha256(salt=b"", ikm=X3DH_KDF_PADDING + b"".join(dh_outputs), info=X3DH_INFO, length=SHARED_KEY_BYTES)
 
 
 # --- codec helpers ----------------------------------------------------------------------------------------------
