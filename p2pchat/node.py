@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from p2pchat.core.identity import Identity, PublicIdentity
+from p2pchat.core.lan import SERVICE_TYPE
 from p2pchat.core.nodecert import CertCache
 from p2pchat.core.routing import K
 from p2pchat.dht.node import DhtConfig, DhtNode
@@ -75,6 +76,7 @@ class Node:
         cert_cache: CertCache | None = None,
         lan: bool = False,
         lan_interfaces: list[str] | None = None,
+        lan_service_type: str = SERVICE_TYPE,
     ) -> None:
         self.env = env
         self.identity = identity
@@ -94,7 +96,14 @@ class Node:
         self.messenger = Messenger(env, identity, self.dht, db, host=host, tcp_port=tcp_port)
         # LAN discovery only when asked, on the interfaces named (None there means all: a user's explicit choice,
         # never a test's).  Resolving them here makes a mistyped interface fail before anything starts.
-        self.lan = LanDiscovery(env, self.dht, self.messenger, identity, interfaces=lan_interfaces) if lan else None
+        # lan_service_type is the standard one except in tests that keep apart from other tests on the same host.
+        self.lan = (
+            LanDiscovery(
+                env, self.dht, self.messenger, identity, interfaces=lan_interfaces, service_type=lan_service_type
+            )
+            if lan
+            else None
+        )
 
     @property
     def address(self) -> str:

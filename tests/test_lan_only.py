@@ -1,8 +1,9 @@
 """LAN-only mode with real zeroconf bound to 127.0.0.1: no bootstrap, no internet.  Bob goes offline, Alice's
 message is held by the DHT formed among the LAN peers (Carol's node), Bob comes back and receives it.
 
-All nodes share 127.0.0.1, so the DHT runs with ``DhtConfig.single_host()``.  Waits have deadlines (zeroconf's
-timers run on the wall clock); nothing sleeps as synchronisation."""
+All nodes share 127.0.0.1, so the DHT runs with ``DhtConfig.single_host()``.  The test's nodes browse a service
+type of their own (``lan_support``), so no node of another test on this host joins their DHT or holds their mail.
+Waits have deadlines (zeroconf's timers run on the wall clock); nothing sleeps as synchronisation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from lan_support import lan_service_type
 
 from p2pchat.core.identity import Identity
 from p2pchat.dht.node import DhtConfig
@@ -24,7 +26,7 @@ DEADLINE = 60.0
 LOOPBACK = ["127.0.0.1"]
 
 
-def _node(identity: Identity, home: Path) -> Node:
+def _node(identity: Identity, home: Path, service_type: str) -> Node:
     return Node(
         Env.real(),
         identity,
@@ -33,6 +35,7 @@ def _node(identity: Identity, home: Path) -> Node:
         dht_config=DhtConfig.single_host(),
         lan=True,
         lan_interfaces=LOOPBACK,
+        lan_service_type=service_type,
     )
 
 
@@ -44,14 +47,15 @@ async def _until(predicate: object) -> None:
 
 async def test_lan_only_offline_mail(tmp_path: Path) -> None:
     env = Env.real()
+    service_type = lan_service_type()
     alice_id, bob_id, carol_id = (Identity.generate(env.random_bytes) for _ in range(3))
     async with trio.open_nursery() as nursery:
-        alice = _node(alice_id, tmp_path / "alice")
-        carol = _node(carol_id, tmp_path / "carol")
+        alice = _node(alice_id, tmp_path / "alice", service_type)
+        carol = _node(carol_id, tmp_path / "carol", service_type)
         await nursery.start(alice.run)
         await nursery.start(carol.run)
         async with trio.open_nursery() as bob_life:
-            bob = _node(bob_id, tmp_path / "bob")
+            bob = _node(bob_id, tmp_path / "bob", service_type)
             await bob_life.start(bob.run)
             await _until(lambda: all(n.lan is not None and len(n.lan.peers) == 2 for n in (alice, bob, carol)))
             row = alice.send(bob.key, "hello on the LAN")
@@ -66,7 +70,7 @@ async def test_lan_only_offline_mail(tmp_path: Path) -> None:
         await _until(lambda: alice.history(bob.key)[-1].state is MessageState.STORED)
         assert alice.history(bob.key)[-1].replicas >= 1
         assert any(len(n.store) > 0 for n in (carol,))  # Carol's node holds mail for Bob
-        bob = _node(bob_id, tmp_path / "bob")
+        bob = _node(bob_id, tmp_path / "bob", service_type)
         await nursery.start(bob.run)
         await _until(lambda: [m.text for m in bob.history() if not m.outgoing][-1:] == ["while you were away"])
         with trio.fail_after(DEADLINE):

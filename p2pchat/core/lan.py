@@ -85,9 +85,12 @@ def instance_label(node_id: NodeId) -> str:
     return node_id.hex()
 
 
-def service_name(node_id: NodeId) -> str:
-    """The full DNS-SD service name a node registers, ``<node id hex>._p2pchat._udp.local.``."""
-    return f"{instance_label(node_id)}.{SERVICE_TYPE}"
+def service_name(node_id: NodeId, service_type: str = SERVICE_TYPE) -> str:
+    """The full DNS-SD service name a node registers, ``<node id hex>._p2pchat._udp.local.``.
+
+    *service_type* is :data:`SERVICE_TYPE` except where a test keeps its nodes apart from other tests running on
+    the same host (a LAN of its own, as a network namespace would be)."""
+    return f"{instance_label(node_id)}.{service_type}"
 
 
 def encode_txt(identity: PublicIdentity, *, udp_port: int, tcp_port: int) -> dict[bytes, bytes]:
@@ -105,13 +108,14 @@ def encode_txt(identity: PublicIdentity, *, udp_port: int, tcp_port: int) -> dic
     }
 
 
-def decode_txt(properties: object, *, name: str | None = None) -> LanAnnouncement:
+def decode_txt(properties: object, *, name: str | None = None, service_type: str = SERVICE_TYPE) -> LanAnnouncement:
     """Parse TXT *properties* (as zeroconf gives them: ``dict[bytes, bytes | None]``) into an announcement.
 
     Strict: a non-mapping, non-bytes keys or values, a missing, empty, oversized or non-canonical field, an
     unknown version, too many keys, or a key that does not hash to the announced node id raise
     :class:`~p2pchat.errors.ProtocolError`.  With *name* (the DNS-SD service name it was found under), the
-    instance label must be the announced node id, so one node cannot appear under many names.
+    instance label must be the announced node id (under *service_type*), so one node cannot appear under many
+    names.
     """
     if not isinstance(properties, Mapping):
         raise ProtocolError(f"TXT properties must be a mapping, got {type(properties).__name__}")
@@ -142,7 +146,7 @@ def decode_txt(properties: object, *, name: str | None = None) -> LanAnnouncemen
         raise ProtocolError(f"TXT udp port {udp_port} out of range")
     if not 0 <= tcp_port < 65536:
         raise ProtocolError(f"TXT tcp port {tcp_port} out of range")
-    if name is not None and name != service_name(node_id):
+    if name is not None and name != service_name(node_id, service_type):
         raise ProtocolError("service instance name does not match the announced node id")
     return LanAnnouncement(node_id, identity, udp_port, tcp_port)
 

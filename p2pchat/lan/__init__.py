@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from p2pchat.lan.discovery import (
+    ADDRESS_CHECK_INTERVAL,
     MAX_LAN_PEERS,
+    Announcement,
     EventBridge,
     LanDiscovery,
     LanPeer,
@@ -11,4 +13,13 @@ from p2pchat.lan.discovery import (
     resolve_interfaces,
 )
 
-__all__ = ["MAX_LAN_PEERS", "EventBridge", "LanDiscovery", "LanPeer", "LanStats", "resolve_interfaces"]
+__all__ = [
+    "ADDRESS_CHECK_INTERVAL",
+    "MAX_LAN_PEERS",
+    "Announcement",
+    "EventBridge",
+    "LanDiscovery",
+    "LanPeer",
+    "LanStats",
+    "resolve_interfaces",
+]

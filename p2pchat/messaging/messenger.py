@@ -265,6 +265,18 @@ class Messenger:
             hints.insert(0, address)
             del hints[4:]
 
+    def remove_hint(self, key: bytes, address: Address) -> None:
+        """Forget a hint given by :meth:`add_hint` (e.g. the LAN peer left); unknown hints are ignored."""
+        hints = self._hints.get(key)
+        if hints is not None and address in hints:
+            hints.remove(address)
+            if not hints:
+                del self._hints[key]  # so identities that came and went leave nothing behind
+
+    def hints(self, key: bytes) -> list[Address]:
+        """The direct-channel addresses for *key* tried before the DHT, newest first."""
+        return list(self._hints.get(key, []))
+
     def retry_now(self) -> None:
         """Make every open outgoing message (and owed acknowledgement) due now, e.g. once the node has joined the
         DHT: attempts made while it knew no one failed for want of peers, not because the recipient is away."""
