@@ -33,9 +33,7 @@ from typing import Final, Protocol, TypeAlias
 
 import ifaddr
 import trio
-from zeroconf import (
-    Error as ZeroconfError,
-)
+from zeroconf import Error as ZeroconfError
 from zeroconf import (
     InterfaceChoice,
     IPVersion,
@@ -516,8 +514,8 @@ class LanDiscovery:
         if wanted is None:
             assert registered is not None
             log.warning(
-                "this node's address %s is no longer on this machine: LAN announcement withdrawn; restart p2pchat "
-                "to listen on the new address",
+                "this node's address %s is no longer on this machine: LAN announcement withdrawn until it comes "
+                "back (p2pchat does not move to a new address by itself; restart it to listen there)",
                 self.dht.address.host,
             )
             await trio.to_thread.run_sync(zc.unregister_service, registered)  # a goodbye
