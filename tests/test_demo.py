@@ -1,6 +1,6 @@
 """``p2pchat demo``: the whole story on real sockets on 127.0.0.1, and its limits and failures.
 
-The demo is run as a user runs it (a subprocess, ``python -m p2pchat.demo``) and in-process through
+The demo is run as a user runs it (a subprocess, ``python -m p2pchat demo``: the command) and in-process through
 ``run_demo``.  Every run has a deadline; nothing sleeps for a fixed time.
 """
 
@@ -40,7 +40,7 @@ def _position(transcript: str, text: str) -> int:
 
 def test_demo_shows_direct_delivery_then_mailbox_delivery_while_bob_is_offline() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "p2pchat.demo"], capture_output=True, text=True, timeout=DEADLINE, check=False
+        [sys.executable, "-m", "p2pchat", "demo"], capture_output=True, text=True, timeout=DEADLINE, check=False
     )
     out = done.stdout
     assert done.returncode == 0, f"stdout:\n{out}\nstderr:\n{done.stderr}"
