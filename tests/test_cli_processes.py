@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,178 +23,40 @@ from typing import Any
 import pytest
 import trio
 
-from p2pchat.control.client import ControlClient, DaemonNotRunning
-from p2pchat.core.identity import Identity
-from p2pchat.dht.node import DhtConfig, DhtNode
-from p2pchat.env import Env
-from p2pchat.errors import UserError
+from p2pchat.control.client import ControlClient
+
+from daemons import (
+    DEADLINE,
+    LOOPBACK_FLAGS,
+    Lines,
+    command,
+    in_process_dht,
+    joined,
+    make_users,
+    message_with,
+    p2pchat,
+    start_daemon,
+    until,
+)
+from daemons import output as _text
 
 pytestmark = pytest.mark.realnet
 
-DEADLINE = 60.0
-"""Seconds one step may take on a loaded machine (each normally takes well under two)."""
-
 DHT_NODES = 6
 """In-test DHT nodes, so a mailbox has replicas besides the two users."""
-
-POLL = 0.05
-"""Seconds between two looks at a daemon's state while waiting for it to change."""
-
-LOOPBACK_FLAGS = ["--host", "127.0.0.1", "--udp-port", "0", "--tcp-port", "0", "--no-lan"]
-
-
-def _command(home: Path, *argv: str) -> list[str]:
-    return [sys.executable, "-m", "p2pchat", "--home", str(home), *argv]
-
-
-async def p2pchat(home: Path, *argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run one command to completion (under the deadline)."""
-    with trio.fail_after(DEADLINE):
-        return await trio.run_process(
-            _command(home, *argv), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
-        )
-
-
-def _text(result: subprocess.CompletedProcess[bytes]) -> str:
-    return result.stdout.decode() + result.stderr.decode()
-
-
-class Lines:
-    """Lines of a process's output, read as they come."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-        self.seen: list[str] = []
-
-    async def until(self, predicate: Any) -> str:
-        with trio.fail_after(DEADLINE):
-            while True:
-                while b"\n" in self.buffer:
-                    line, self.buffer = self.buffer.split(b"\n", 1)
-                    text = line.decode()
-                    self.seen.append(text)
-                    if predicate(text):
-                        return text
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise AssertionError(f"output ended; seen: {self.seen}")
-                self.buffer += data
-
-
-class Daemon:
-    """A ``p2pchat run`` process."""
-
-    def __init__(self, home: Path, process: trio.Process, log: Path) -> None:
-        self.home = home
-        self.process = process
-        self.log = log
-        self.udp = self.tcp = 0
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        with trio.fail_after(DEADLINE):
-            return await self.process.wait()
 
 
 @pytest.fixture
 async def dht() -> AsyncIterator[list[str]]:
     """A few DHT nodes on loopback; yields their HOST:PORT."""
-    config = DhtConfig.single_host()
-    async with trio.open_nursery() as nursery:
-        nodes: list[DhtNode] = []
-        with trio.fail_after(DEADLINE):
-            for _ in range(DHT_NODES):
-                env = Env.real()
-                node = DhtNode(env, Identity.generate(env.random_bytes), host="127.0.0.1", config=config)
-                await nursery.start(node.run)
-                if nodes:
-                    await node.bootstrap([nodes[-1].address])
-                nodes.append(node)
-        yield [f"{n.address.host}:{n.address.port}" for n in nodes]
-        nursery.cancel_scope.cancel()
+    async with in_process_dht(DHT_NODES) as addresses:
+        yield addresses
 
 
 @pytest.fixture
 async def users(tmp_path: Path) -> dict[str, Any]:
     """Homes for alice and bob, each the other's contact."""
-    found: dict[str, Any] = {}
-    for name in ("alice", "bob"):
-        home = tmp_path / name
-        result = await p2pchat(home, "init", "--name", name)
-        assert result.returncode == 0, _text(result)
-        found[name] = home
-        found[f"{name}_address"] = json.loads((await p2pchat(home, "id", "--json")).stdout)["address"]
-    for me, other in (("alice", "bob"), ("bob", "alice")):
-        result = await p2pchat(found[me], "contacts", "add", other, found[f"{other}_address"])
-        assert result.returncode == 0, _text(result)
-    return found
-
-
-async def start_daemon(
-    nursery: trio.Nursery, home: Path, bootstrap: list[str], node_flags: list[str] = LOOPBACK_FLAGS
-) -> Daemon:
-    """Start ``p2pchat run`` and wait for its ready line."""
-    log = home / f"daemon-{len(list(home.glob('daemon-*.log')))}.log"
-    flags = [*node_flags, *(arg for address in bootstrap for arg in ("--bootstrap", address))]
-    with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(_command(home, "run", *flags), stdout=subprocess.PIPE, stderr=stderr)
-    nursery.start_soon(_reap, process)
-    assert process.stdout is not None
-    line = await Lines(process.stdout).until(lambda text: text.startswith("ready "))
-    fields = dict(part.split("=", 1) for part in line.split()[1:])
-    daemon = Daemon(home, process, log)
-    daemon.udp, daemon.tcp = int(fields["udp"]), int(fields["tcp"])
-    assert fields["address"].startswith("p2p1")
-    return daemon
-
-
-async def _reap(process: trio.Process) -> None:
-    try:
-        await process.wait()
-    except trio.Cancelled:
-        if process.returncode is None:
-            process.kill()
-        raise
-
-
-async def request(home: Path, op: str, **args: Any) -> dict[str, Any]:
-    """One control request to the daemon of *home*."""
-    async with await ControlClient.connect(home / "control.sock") as client:
-        return await client.request(op, **args)
-
-
-async def until(home: Path, check: Any, what: str) -> Any:
-    """Poll the daemon of *home* until ``check(client)`` returns something truthy; that value."""
-    with trio.fail_after(DEADLINE):
-        while True:
-            try:
-                async with await ControlClient.connect(home / "control.sock") as client:
-                    value = await check(client)
-                    if value:
-                        return value
-            except (DaemonNotRunning, UserError):
-                pass  # starting or stopping
-            await trio.sleep(POLL)
-    raise AssertionError(what)
-
-
-async def joined(home: Path) -> None:
-    async def check(client: ControlClient) -> bool:
-        return bool((await client.request("status"))["dht_contacts"] > 0)
-
-    await until(home, check, "the daemon joined the DHT")
-
-
-async def message_with(home: Path, peer: str, text: str, state: str | None = None) -> dict[str, Any]:
-    async def check(client: ControlClient) -> dict[str, Any] | None:
-        for message in (await client.request("history", peer=peer))["messages"]:
-            if message["text"] == text and (state is None or message["state"] == state):
-                return dict(message)
-        return None
-
-    found: dict[str, Any] = await until(home, check, f"{text!r} in the history with {peer}")
-    return found
+    return await make_users(tmp_path)
 
 
 # --- the tests ----------------------------------------------------------------------------------------------------
@@ -222,7 +83,7 @@ async def test_two_daemons_chat(dht: list[str], users: dict[str, Any]) -> None:
 
         # chat: a typed line goes out, an incoming message and the state changes show up as they happen.
         chat = await trio.lowlevel.open_process(
-            _command(bob, "chat", "alice"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command(bob, "chat", "alice"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         assert chat.stdin is not None and chat.stdout is not None
         lines = Lines(chat.stdout)
