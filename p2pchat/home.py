@@ -237,9 +237,12 @@ class Home:
         """UserError if the unlocked key is not the one the profile names (files from two homes mixed up)."""
         profile = self.profile()
         if profile.address != identity.public.address:
+            # A flipped bit in an unsealed key file reads as another valid key: which file is wrong cannot be known
+            # from here, and repairing the profile from a damaged key would give the identity up for good.
             raise UserError(
                 f"{self.key_file} holds {identity.public.address} but {self.profile_file} names {profile.address}; "
-                "run `p2pchat id --repair` to rewrite the profile from the key"
+                "if the key file was damaged, restore it from a backup; if the profile is wrong, "
+                "`p2pchat id --repair` rewrites it from the key"
             )
 
     # --- bootstrap addresses -------------------------------------------------------------------------------------

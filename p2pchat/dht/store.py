@@ -53,6 +53,7 @@ from p2pchat.core.records import (
     validate_record,
     validate_tombstone,
 )
+from p2pchat.dbfile import open_database
 from p2pchat.errors import ProtocolError
 
 __all__ = [
@@ -188,6 +189,25 @@ class StoreBackend(Protocol):
         ...
 
 
+_ADVICE: Final = (
+    "move it away and start again: it holds only copies of other users' data, which their other replicas hand over"
+)
+"""What to do about a damaged DHT store."""
+
+
+def _create_items(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE items ("
+        " space INTEGER NOT NULL, key BLOB NOT NULL, item_id BLOB NOT NULL, blob BLOB NOT NULL,"
+        " source TEXT NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (space, key, item_id)) WITHOUT ROWID"
+    )
+
+
+def _foreign(db: sqlite3.Connection) -> str | None:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone()
+    return None if found is not None else "not a p2pchat DHT store (it has no items table)"
+
+
 class SqliteBackend:
     """Items in one SQLite table, WAL mode.
 
@@ -197,14 +217,8 @@ class SqliteBackend:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS items ("
-            " space INTEGER NOT NULL, key BLOB NOT NULL, item_id BLOB NOT NULL, blob BLOB NOT NULL,"
-            " source TEXT NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (space, key, item_id)) WITHOUT ROWID"
-        )
+        # A damaged file is refused (DatabaseError), never replaced: see p2pchat.dbfile.
+        self._db = open_database(path, _create_items, advice=_ADVICE, foreign=_foreign)
 
     def load(self) -> Iterator[tuple[int, bytes, bytes, bytes, str, float]]:
         """Every stored row (types are checked by the store, which trusts nothing from disk)."""

@@ -9,7 +9,9 @@ against a crash of the process (kill -9); only a power failure can take back the
 The database is plain synchronous code: each call is a short indexed statement.  Simulations pass ``":memory:"``.
 
 Stored blobs (session states, prekey state) are decoded by their own strict decoders when read, so a corrupt or
-tampered database gives a clear error, never a silently wrong state.
+tampered database gives a clear error, never a silently wrong state.  The file itself is opened through
+:mod:`p2pchat.dbfile`: a damaged or truncated one is refused with a one-line error and left as it is, never
+replaced by a fresh database.
 """
 
 from __future__ import annotations
@@ -22,16 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from p2pchat.errors import UserError
+from p2pchat.dbfile import DatabaseError, damaged, open_database
 
 __all__ = ["SCHEMA_VERSION", "Contact", "ContactStatus", "DatabaseError", "MessageDB", "MessageRow", "MessageState"]
 
 SCHEMA_VERSION: Final = 1
 """Version of the tables below; a database from another version is refused with a clear error."""
-
-
-class DatabaseError(UserError):
-    """The message database cannot be used (corrupt, from another version, or not a database)."""
 
 
 class MessageState(enum.StrEnum):
@@ -137,6 +135,27 @@ def _message(row: tuple[object, ...]) -> MessageRow:
     )
 
 
+_ADVICE: Final = "restore it from a copy, or move it away to start again without its history, sessions and contacts"
+"""What to do about a damaged message database (it is the only copy of the history and of the sessions)."""
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    # executescript() would commit on its own; the statements run inside open_database's transaction instead.
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _foreign(db: sqlite3.Connection) -> str | None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return None
+    if version == 0:
+        return "not a p2pchat message database"
+    return f"a p2pchat message database of version {version}, and this p2pchat reads version {SCHEMA_VERSION}"
+
+
 class MessageDB:
     """The messenger's tables.  Use :meth:`transaction` around every group of changes that must land together."""
 
@@ -146,29 +165,14 @@ class MessageDB:
         self.after_commit: Callable[[int], None] | None = None
         """Called with the commit count after every commit: the seam crash tests use to stop a node at each
         commit boundary (None in production)."""
+        self._depth = 0
+        self._db = open_database(path, _create_tables, advice=_ADVICE, foreign=_foreign)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise DatabaseError(
-                    f"{self.path} is a p2pchat database of version {version}; this p2pchat reads {SCHEMA_VERSION}"
-                )
-            self._depth = 0
-            if version == 0:
-                # executescript() would commit on its own; run the statements inside our transaction instead.
-                with self.transaction():
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            else:
-                # Indexes added since version 1 was first written (an index changes no data, so no new version).
-                self._db.execute(_SEQ_INDEX)
-            self._db.execute("PRAGMA quick_check").fetchone()
+            # Indexes added since version 1 was first written (an index changes no data, so no new version).
+            self._db.execute(_SEQ_INDEX)
         except sqlite3.DatabaseError as exc:
-            raise DatabaseError(f"{self.path} is not a usable p2pchat database ({exc}); it was left untouched") from exc
+            self._db.close()
+            raise damaged(self.path, str(exc), _ADVICE) from None
 
     def close(self) -> None:
         """Close the database."""
