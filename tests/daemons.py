@@ -264,17 +264,27 @@ async def message_with(home: Path, peer: str, text: str, state: str | None = Non
 async def make_users(base: Path, names: Sequence[str] = ("alice", "bob")) -> dict[str, Any]:
     """Homes under *base* for *names*, each the others' contact: ``{name: home, f"{name}_address": address}``."""
     found: dict[str, Any] = {}
-    for name in names:
+
+    async def create(name: str) -> None:
         home = base / name
         result = await p2pchat(home, "init", "--name", name)
         assert result.returncode == 0, output(result)
         found[name] = home
         found[f"{name}_address"] = json.loads((await p2pchat(home, "id", "--json")).stdout)["address"]
-    for me in names:
-        for other in names:
-            if other != me:
-                result = await p2pchat(found[me], "contacts", "add", other, found[f"{other}_address"])
-                assert result.returncode == 0, output(result)
+
+    async def befriend(me: str, other: str) -> None:
+        result = await p2pchat(found[me], "contacts", "add", other, found[f"{other}_address"])
+        assert result.returncode == 0, output(result)
+
+    # Each command is a Python start-up: run the independent ones side by side.
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(create, name)
+    async with trio.open_nursery() as nursery:
+        for me in names:
+            for other in names:
+                if other != me:
+                    nursery.start_soon(befriend, me, other)
     return found
 
 

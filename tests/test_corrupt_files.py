@@ -2,13 +2,13 @@
 
 The home's three files that matter -- ``messages.sqlite`` (history, sessions, outbox), ``dht.sqlite`` (what the
 node holds for others) and ``identity.key`` -- are damaged in the ways disks and crashes damage files: truncated to
-nothing, cut in half, overwritten with garbage, a byte flipped in the file header or in a page's structure.  Then
-``p2pchat run`` and ``p2pchat send`` (and the commands that read the database) must exit 1 with one line naming
-the file and what to do, and leave the file byte for byte as it was.  In-process sweeps then flip every bit of
-the key file and many single bytes of each database: the only error is the project's, and a refused file is
-never changed.
+nothing, cut in half, overwritten with garbage, a byte flipped in the file header or in a page's structure (for
+the key file: in the seed).  Opening each the way a node does must raise the project's error, one line naming
+the file and what to do, and leave the file byte for byte as it was; ``p2pchat run`` and ``p2pchat send`` on a
+damaged home exit 1 with that one line.  Sweeps then flip every bit of the key file and hundreds of bits of each
+database: the only error is the project's, and a refused file is never changed.
 
-What SQLite cannot see: it keeps no page checksums, so a flipped byte inside a stored value (a message's text)
+What SQLite cannot see: it keeps no page checksums, so a flipped bit inside a stored value (a message's text)
 leaves a well-formed database.  Stored signed records are validated again on load (a bad one is dropped and
 counted, ``tests/test_store.py``), and session and prekey states are decoded strictly when read.
 """
