@@ -123,6 +123,39 @@ async def test_a_sent_message_awaiting_its_ack_is_not_resent_with_the_next(
         nursery.cancel_scope.cancel()
 
 
+async def test_acks_owed_to_an_unreachable_peer_spend_no_ratchet_keys(autojump_clock: trio.testing.MockClock) -> None:
+    # Bob owes Alice an ack while neither she nor any DHT node answers: his retries (every few seconds at first)
+    # must not encrypt a new ack message each time, or Alice would face more skipped keys than she keeps.
+    async with open_sim_network(46, default_link=LINK) as net, trio.open_nursery() as nursery:
+        world = await _world(net, nursery, count=10)
+        alice, bob = await world.user("alice", 1), await world.user("bob", 2)
+        world.hosts["bob"].set_down()
+        row = alice.send(bob.key, "ack me later")
+        await trio.sleep(300)  # stored in Bob's mailbox
+        world.hosts["alice"].set_down()
+        world.hosts["bob"].set_up()
+        event = await _next(bob, IncomingMessage, timeout=3600)
+        assert isinstance(event, IncomingMessage)
+        dht_hosts = [host for n in world.dht if (host := world.net.host_of(n.host)) is not None]
+        for host in dht_hosts:
+            host.set_down()  # before Bob's first ack attempt gets past its connection attempt to Alice
+
+        def sending_counter() -> int:
+            stored = bob.db.session(alice.key)
+            assert stored is not None
+            return bob.messenger._sessions.state(bob.messenger._sessions.record(stored[0]).ratchet).ns
+
+        before = sending_counter()
+        await trio.sleep(6 * 3600)
+        assert bob.db.acks_owed()  # still owed: no path all along
+        assert sending_counter() == before
+        world.hosts["alice"].set_up()
+        for host in dht_hosts:
+            host.set_up()
+        await _until_delivered(alice, {row.id}, 2 * 3600)
+        nursery.cancel_scope.cancel()
+
+
 async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(42, default_link=LINK) as net, trio.open_nursery() as nursery:
         world = await _world(net, nursery)

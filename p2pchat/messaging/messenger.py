@@ -386,13 +386,12 @@ class Messenger:
             for row in rows:
                 self._retry_later(row)
             return
-        ack_wires: list[tuple[list[bytes], bytes]] = []
-        for start in range(0, len(acks), MAX_ACKS_PER_MESSAGE):
-            chunk = acks[start : start + MAX_ACKS_PER_MESSAGE]
-            content = Content(int(ContentKind.ACK), self.env.random_bytes(MESSAGE_ID_BYTES), 0, 0, "", tuple(chunk))
-            ack_wires.append((chunk, self._encrypt(peer, content)))
         channel = await self._channel_to(peer)
+        # Acknowledgements are encrypted only once there is a path for them: each encryption spends a key of the
+        # sending chain, and a peer unreachable for long would otherwise face more skipped keys than it keeps.
+        ack_wires: list[tuple[list[bytes], bytes]] = []
         if channel is not None:
+            ack_wires = self._ack_wires(peer, acks)
             try:
                 for _, wire in ack_wires:
                     await channel.send(wire)
@@ -412,8 +411,10 @@ class Messenger:
         # No direct path: the peer's mailbox.  A message already stored there stays (entries live as long as the
         # message may) and is not stored again; later attempts only try the direct path.
         unstored = [(row, wire) for row, wire in zip(rows, wires, strict=True) if row.state is not MessageState.STORED]
-        info = await self._prekey_info(peer) if ack_wires or unstored else None
+        info = await self._prekey_info(peer) if acks or unstored else None
         if info is not None:
+            if not ack_wires:
+                ack_wires = self._ack_wires(peer, acks)
             replicas = await self._store_in_mailbox(info, [wire for _, wire in ack_wires] + [w for _, w in unstored])
             for (chunk, _), count in zip(ack_wires, replicas, strict=False):
                 if count > 0:
@@ -424,6 +425,15 @@ class Messenger:
                     self._set_state(row, MessageState.STORED, replicas=count)
         for row in rows:
             self._retry_later(row)
+
+    def _ack_wires(self, peer: bytes, acks: list[bytes]) -> list[tuple[list[bytes], bytes]]:
+        """Ratchet messages acknowledging *acks*, :data:`MAX_ACKS_PER_MESSAGE` ids each."""
+        wires = []
+        for start in range(0, len(acks), MAX_ACKS_PER_MESSAGE):
+            chunk = acks[start : start + MAX_ACKS_PER_MESSAGE]
+            content = Content(int(ContentKind.ACK), self.env.random_bytes(MESSAGE_ID_BYTES), 0, 0, "", tuple(chunk))
+            wires.append((chunk, self._encrypt(peer, content)))
+        return wires
 
     def _retry_later(self, row: MessageRow, *, soon: bool = False) -> None:
         current = self.db.message(row.id)
