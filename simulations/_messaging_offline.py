@@ -50,7 +50,14 @@ from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage
 from p2pchat.net.sim import DEFAULT_TIME_RESOLUTION, LinkModel, SimHost, SimNetwork, Uniform, open_sim_network
 from p2pchat.node import Node
 from simulations._messaging_loopback import info, message_text
-from simulations._simkit import ChurnDriver, Exponential, join_batches, join_in_batches
+from simulations._simkit import (
+    UDP_PORT,
+    ChurnDriver,
+    Exponential,
+    join_batches,
+    join_in_batches,
+    make_full_node,
+)
 
 __all__ = [
     "LINK",
@@ -74,9 +81,6 @@ MIN_RECIPIENT_OFFLINE = 600.0
 
 WARM_UP_TIMEOUT = 2 * HOUR
 """Virtual seconds the warm-up messages may take to be delivered."""
-
-_UDP_PORT = 4000
-_TCP_PORT = 4001
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +249,7 @@ async def _join_dht(
         host = net.add_host()
         hosts.append(host)
         env = Env.simulated(host, (config.seed << 32) | i)
-        return DhtNode(env, Identity.generate(env.random_bytes), host=host.address, port=_UDP_PORT, cert_cache=certs)
+        return DhtNode(env, Identity.generate(env.random_bytes), host=host.address, port=UDP_PORT, cert_cache=certs)
 
     batches = join_batches(config.dht_nodes, config.join_batch)
     nodes, _ = await join_in_batches(nursery, batches, make_node, lambda _, first: rng.randrange(first))
@@ -262,16 +266,7 @@ async def _start_pairs(
 ) -> list[_Pair]:
     users: list[tuple[Node, SimHost]] = []
     for i in range(2 * config.pairs):
-        host = net.add_host()
-        env = Env.simulated(host, (config.seed << 32) | (config.dht_nodes + i))
-        node = Node(
-            env,
-            Identity.generate(env.random_bytes),
-            host=host.address,
-            udp_port=_UDP_PORT,
-            tcp_port=_TCP_PORT,
-            cert_cache=certs,
-        )
+        node, host = make_full_node(net, (config.seed << 32) | (config.dht_nodes + i), certs)
         await nursery.start(node.run)
         users.append((node, host))
     async with trio.open_nursery() as joins:

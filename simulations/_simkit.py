@@ -19,11 +19,17 @@ from typing import Protocol
 
 import trio
 
+from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NODE_ID_BITS
+from p2pchat.core.nodecert import CertCache
 from p2pchat.dht.node import DhtNode
-from p2pchat.net.sim import SimHost
+from p2pchat.env import Env
+from p2pchat.net.sim import SimHost, SimNetwork
+from p2pchat.node import Node
 
 __all__ = [
+    "TCP_PORT",
+    "UDP_PORT",
     "ChurnDriver",
     "Duration",
     "Exponential",
@@ -32,8 +38,31 @@ __all__ = [
     "closest_where",
     "join_batches",
     "join_in_batches",
+    "make_full_node",
     "xor_closest",
 ]
+
+UDP_PORT = 4000
+"""The DHT port of every simulated node (each has a host of its own)."""
+
+TCP_PORT = 4001
+"""The direct-channel port of every simulated full Node."""
+
+
+def make_full_node(net: SimNetwork, env_seed: int, certs: CertCache) -> tuple[Node, SimHost]:
+    """A whole :class:`~p2pchat.node.Node` (in memory) on a new host, its keys and choices drawn from ``env_seed``;
+    not started yet."""
+    host = net.add_host()
+    env = Env.simulated(host, env_seed)
+    node = Node(
+        env,
+        Identity.generate(env.random_bytes),
+        host=host.address,
+        udp_port=UDP_PORT,
+        tcp_port=TCP_PORT,
+        cert_cache=certs,
+    )
+    return node, host
 
 
 # --- durations ---------------------------------------------------------------------------------------------

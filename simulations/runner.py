@@ -55,12 +55,14 @@ from p2pchat.node import Node
 from simulations._messaging_loopback import message_text
 from simulations._progress import ProgressDisplay
 from simulations._simkit import (
+    UDP_PORT,
     ChurnDriver,
     Exponential,
     GcSettler,
     closest_where,
     join_batches,
     join_in_batches,
+    make_full_node,
 )
 from simulations.hostile import HostileDhtNode, grind_identities
 from simulations.scenario import Scenario, duration_model, latency_model, mean_of
@@ -97,9 +99,6 @@ TICKS = 200
 
 MAX_ASKER_DRAWS = 1000
 """Draws of a random honest node before a lookup gives up finding one online (then it is not run)."""
-
-_UDP_PORT = 4000
-_TCP_PORT = 4001
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
@@ -384,16 +383,7 @@ class _Run:
     def _make_users(self) -> None:
         s = self.s
         for j in range(2 * s.messaging.pairs):
-            host = self.net.add_host()
-            env = Env.simulated(host, (s.seed << 32) | (s.dht_nodes + j))
-            node = Node(
-                env,
-                Identity.generate(env.random_bytes),
-                host=host.address,
-                udp_port=_UDP_PORT,
-                tcp_port=_TCP_PORT,
-                cert_cache=self.certs,
-            )
+            node, host = make_full_node(self.net, (s.seed << 32) | (s.dht_nodes + j), self.certs)
             self.users.append((node, host))
         for i in range(s.messaging.pairs):
             (sender, _), (recipient, recipient_host) = self.users[2 * i], self.users[2 * i + 1]
@@ -415,12 +405,12 @@ class _Run:
             role = pop.roles[i]
             identity = pop.sybil_identity.get(i) or Identity.generate(env.random_bytes)
             if role == "honest":
-                return DhtNode(env, identity, host=host.address, port=_UDP_PORT, cert_cache=self.certs)
-            node = HostileDhtNode(env, identity, host=host.address, port=_UDP_PORT, cert_cache=self.certs)
+                return DhtNode(env, identity, host=host.address, port=UDP_PORT, cert_cache=self.certs)
+            node = HostileDhtNode(env, identity, host=host.address, port=UDP_PORT, cert_cache=self.certs)
             node.configure(role, lie_rng=random.Random(f"{s.seed}:lies:{i}"))
             if role == "sybil":
                 cluster = clusters[pop.sybil_target[i]]
-                cluster.append(NodeInfo(identity.public.node_id.bytes, host.address, _UDP_PORT))
+                cluster.append(NodeInfo(identity.public.node_id.bytes, host.address, UDP_PORT))
                 sybils.append((node, cluster))
             return node
 
