@@ -473,11 +473,13 @@ class _Run:
                 if pair.away_from is not None:
                     work.start_soon(self._away, pair)
             await self.lookups_finished.wait()
-            if not self.messages and not self.pairs:
+            if not s.messaging.pairs * s.messaging.messages_per_pair:
                 self.all_arrived.set()
             with trio.move_on_at(horizon):
                 await self.all_arrived.wait()
-            await trio.sleep_until(max(trio.current_time(), t_end if not self.lookups else trio.current_time()))
+            # With lookups the workload ends when the last one does; without, it still lasts duration_s.
+            until = t_end if not self.lookups else trio.current_time()
+            await trio.sleep_until(max(trio.current_time(), until))
             self.t_stop = trio.current_time()
             self._sample()
             work.cancel_scope.cancel()
