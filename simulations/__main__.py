@@ -22,7 +22,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +146,18 @@ def _scale(args: argparse.Namespace) -> int:
     rows = []
     display = ProgressDisplay()
     for size in sizes:
-        display.info(f"scale: {size:,} nodes (a process of its own, so its peak RSS is its own)")
-        with tempfile.TemporaryDirectory() as tmp:
+        # Each size in a process of its own (so its peak RSS is its own), its output kept in OUT/SIZE; a size whose
+        # results are there already is not run again (a long series can be resumed).
+        where = args.out / str(size)
+        if not (where / "results.json").exists():
+            display.info(f"scale: {size:,} nodes")
             command = [
                 sys.executable, "-m", "simulations", "run", "--scenario", args.scenario,
-                "--nodes", str(size), "--lookups", str(size), "--out", tmp, "--no-plots",
+                "--nodes", str(size), "--lookups", str(size), "--out", str(where), "--no-plots",
             ]  # fmt: skip
             subprocess.run(command, check=True, env=dict(os.environ))
-            results = load_results(Path(tmp) / "results.json")
-            run = json.loads((Path(tmp) / "run.json").read_text(encoding="utf-8"))
+        results = load_results(where / "results.json")
+        run = json.loads((where / "run.json").read_text(encoding="utf-8"))
         lk = results["lookups"]
         rows.append(
             {
@@ -183,16 +185,19 @@ def _scale(args: argparse.Namespace) -> int:
     lines = [
         f"# How a run grows: scenario `{args.scenario}`, {', '.join(f'{n:,}' for n in sizes)} nodes",
         "",
-        "Each size ran in a process of its own: N nodes join, then N lookups. Wall time and memory are this "
-        "machine's at the time (2 shared cores; the load average at each start is in scale.json).",
+        "Each size ran in a process of its own (its output in the directory named after it): N nodes join, then N "
+        "lookups. Wall time and memory are this machine's at the time: 2 cores shared with other work, the load "
+        "average at each start is in scale.json; CPU seconds are what the wall time would be on an idle core.",
         "",
-        "| nodes | wall s | join s | lookups s | peak RSS MiB | hops mean | hops p99 | RPCs/lookup | success |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| nodes | wall s | CPU s | join s | lookups s | peak RSS MiB | load at start | hops mean | hops p99 | "
+        "RPCs/lookup | success |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['nodes']:,} | {r['wall_s']:.0f} | {r['join_wall_s']:.0f} | {r['workload_wall_s']:.0f} | "
-            f"{r['peak_rss_mib']:,.0f} | {r['hops_mean']:.2f} | {r['hops_p99']:.0f} | {r['rpcs_mean']:.1f} | "
+            f"| {r['nodes']:,} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['join_wall_s']:.0f} | "
+            f"{r['workload_wall_s']:.0f} | {r['peak_rss_mib']:,.0f} | {r['load_average_start'][0]:.1f} | "
+            f"{r['hops_mean']:.2f} | {r['hops_p99']:.0f} | {r['rpcs_mean']:.1f} | "
             f"{r['lookup_success_rate']:.2%} |"
         )
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
@@ -212,7 +217,8 @@ def _plot_scale(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
     nodes = [r["nodes"] for r in rows]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
-    a.plot(nodes, [r["wall_s"] for r in rows], "o-", label="total")
+    a.plot(nodes, [r["wall_s"] for r in rows], "o-", label="total wall")
+    a.plot(nodes, [r["cpu_s"] for r in rows], "o-", label="total CPU")
     a.plot(nodes, [r["join_wall_s"] for r in rows], "o--", label="join")
     a.plot(nodes, [r["workload_wall_s"] for r in rows], "o--", label="lookups")
     a.set_xlabel("nodes")
