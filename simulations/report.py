@@ -85,7 +85,9 @@ def summary_markdown(results: dict[str, Any], run: dict[str, Any], images: list[
     lines.append(_dist_row("storage per node (end)", results["storage"]["bytes_per_node"], "bytes"))
     lines += [""]
     lines.append(
-        f"Lookups: {lk['succeeded']:,} of {lk['ran']:,} found the closest live honest node "
+        "No lookups in this scenario."
+        if not lk["ran"]
+        else f"Lookups: {lk['succeeded']:,} of {lk['ran']:,} found the closest live honest node "
         f"({lk['success_rate']:.2%}; first in the list: {lk['exact_first_rate']:.2%}); median RTT of the network "
         f"model {results['network']['median_rtt_ms']:,.0f} ms, so the median lookup took "
         f"{lk['latency_over_median_rtt']['p50']:.2f} RTTs."
@@ -157,20 +159,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[str]:
         written.append(name)
 
     lk = results["lookups"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, group in (("random keys", lk), ("targeted keys", lk.get("targeted"))):
-        if group and group["latency_ms_quantiles"]:
-            left.plot(group["latency_ms_quantiles"], percent, label=label)
-    left.set_xlabel("lookup latency (virtual ms)")
-    left.set_ylabel("% of lookups")
-    left.set_title("Lookup latency (CDF)")
-    left.legend()
-    hist = lk["hops_histogram"]
-    right.bar([int(h) for h in hist], list(hist.values()))
-    right.set_xlabel("hops")
-    right.set_ylabel("lookups")
-    right.set_title("Lookup hops")
-    save(fig, "lookups.png")
+    if lk["ran"]:
+        _plot_lookups(plt, lk, percent, save)
 
     msg = results["messaging"]
     if msg["sent"]:
@@ -203,6 +193,23 @@ def plot_results(results: dict[str, Any], out: Path) -> list[str]:
         right.legend()
         save(fig, "replicas_storage.png")
     return written
+
+
+def _plot_lookups(plt: Any, lk: dict[str, Any], percent: list[int], save: Any) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, group in (("random keys", lk), ("targeted keys", lk.get("targeted"))):
+        if group and group["latency_ms_quantiles"]:
+            left.plot(group["latency_ms_quantiles"], percent, label=label)
+    left.set_xlabel("lookup latency (virtual ms)")
+    left.set_ylabel("% of lookups")
+    left.set_title("Lookup latency (CDF)")
+    left.legend()
+    hist = lk["hops_histogram"]
+    right.bar([int(h) for h in hist], list(hist.values()))
+    right.set_xlabel("hops")
+    right.set_ylabel("lookups")
+    right.set_title("Lookup hops")
+    save(fig, "lookups.png")
 
 
 def load_results(path: Path) -> dict[str, Any]:

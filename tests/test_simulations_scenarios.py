@@ -160,3 +160,19 @@ def test_cli_reports_a_bad_scenario_in_one_line(capsys: pytest.CaptureFixture[st
     assert err == ["simulations: network.loss must be between 0 and 1, got 2.0"]
     assert main(["run", "--no-progress", "--scenario", "no-such-scenario"]) == 2
     assert "cannot read scenario" in capsys.readouterr().err
+
+
+def test_out_writes_results_run_summary_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--no-progress", "--nodes", "40", "--lookups", "10", "--duration", "120", "--pairs", "2"]
+    assert main([*args, "--json", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "results.json").read_text() == printed
+    summary = (out / "summary.md").read_text()
+    assert "## Targets" in summary and "shared by all nodes" in summary
+    assert json.loads((out / "run.json").read_text())["peak_rss_mib"] > 0
+    expected = {"lookups.png", "delivery.png", "replicas_storage.png"}
+    have = {p.name for p in out.glob("*.png")}
+    assert have == expected or (not have and "matplotlib is not installed" in summary)
+    assert main(["plot", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
