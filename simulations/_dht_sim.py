@@ -25,16 +25,14 @@ slow each other); the SimNetwork rounds arrival times up to 1 ms.  All nodes sha
 
 from __future__ import annotations
 
-import gc
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 
 import trio
 import trio.testing
 
 from p2pchat.core.identity import Identity
-from p2pchat.core.ids import NODE_ID_BITS, NODE_ID_BYTES, NodeId
+from p2pchat.core.ids import NODE_ID_BYTES, NodeId
 from p2pchat.core.nodecert import CertCache
 from p2pchat.dht.node import DhtNode
 from p2pchat.env import Env
@@ -49,8 +47,9 @@ from simulations._dht_workload import (
     info,
     percentile,
 )
+from simulations._simkit import GcSettler, closest_but, join_in_batches
 
-__all__ = ["LINK", "simulate", "xor_closest"]
+__all__ = ["LINK", "simulate"]
 
 LINK = LinkModel(latency=Uniform(0.010, 0.060))
 """Every link of the simulated network: 10-60 ms one way, uniform; no loss."""
@@ -58,7 +57,7 @@ LINK = LinkModel(latency=Uniform(0.010, 0.060))
 _SYSTEM = "p2pchat-sim"
 _PORT = 4000
 _SETTLE_EVERY = 1000
-"""Lookups between two :meth:`_Collector.settle` calls (the joins settle after each batch)."""
+"""Lookups between two :meth:`GcSettler.settle` calls (the joins settle after each batch)."""
 
 
 def simulate(
@@ -68,55 +67,11 @@ def simulate(
     if join_batch < 1 or lookup_concurrency < 1:
         raise ValueError("join_batch and lookup_concurrency must be at least 1")
     clock = trio.testing.MockClock(autojump_threshold=0)
-    with _Collector() as collector:
+    with GcSettler() as collector:
         return trio.run(_simulate, workload, join_batch, lookup_concurrency, collector, clock=clock)
 
 
-class _Collector:
-    """Python's cyclic garbage collector, run at quiet points only, and the time it takes.
-
-    Left to itself, the collector keeps walking the objects of every simulated node (routing tables, certificates,
-    tasks), and it collects almost nothing (they are freed by reference counting): measured on 3,000 nodes, 29% of
-    the wall time, growing faster than the network.  So during the run it is switched off, and after each batch of
-    joins and every :data:`_SETTLE_EVERY` lookups :meth:`settle` collects once and then freezes the survivors
-    (``gc.freeze``: later collections skip them).  The nodes live to the end of the run anyway; whatever garbage
-    cycles there are get freed at the next settle (a lookup in flight at a freeze keeps its cycles, if any, to the
-    end: a bounded leak, and the peak RSS reported includes it).  Nothing the DHT does changes, only when the runtime
-    does its bookkeeping; the time in collections is reported.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.collections = 0
-        self._started = 0.0
-        self._was_enabled = False
-
-    def __enter__(self) -> _Collector:
-        self._was_enabled = gc.isenabled()
-        gc.disable()
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._callback)
-        gc.unfreeze()
-        if self._was_enabled:
-            gc.enable()
-
-    def _callback(self, phase: str, _info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-            self.collections += 1
-
-    def settle(self) -> None:
-        """Collect the garbage cycles there are, then exempt every live object from later collections."""
-        gc.collect()
-        gc.freeze()
-
-
-async def _simulate(workload: Workload, join_batch: int, lookup_concurrency: int, collector: _Collector) -> Figures:
+async def _simulate(workload: Workload, join_batch: int, lookup_concurrency: int, collector: GcSettler) -> Figures:
     wall_started = time.perf_counter()
     cpu_started = time.process_time()
     info(
@@ -184,7 +139,7 @@ async def _simulate(workload: Workload, join_batch: int, lookup_concurrency: int
 class _Lookups:
     """The lookup phase's figures, kept per lookup by the workers that run them."""
 
-    def __init__(self, nodes: list[DhtNode], total: int, collector: _Collector) -> None:
+    def __init__(self, nodes: list[DhtNode], total: int, collector: GcSettler) -> None:
         self.nodes = nodes
         self.collector = collector
         self.sorted_ids = sorted(node.node_id.int for node in nodes)
@@ -204,7 +159,7 @@ class _Lookups:
             self.times_ms.append((trio.current_time() - started) * 1000.0)
             self.hops.append(result.hops)
             self.rpcs += result.rpcs
-            expected = _closest_but(self.sorted_ids, target.int, asker.node_id.int)
+            expected = closest_but(self.sorted_ids, target.int, asker.node_id.int)
             self.success += bool(result.contacts) and result.contacts[0].node_id.int == expected
             self.progress.tick(len(self.hops), f", {self.success:,} found the closest node")
             if len(self.hops) % _SETTLE_EVERY == 0:
@@ -217,79 +172,32 @@ async def _join(
     workload: Workload,
     certs: CertCache,
     join_batch: int,
-    collector: _Collector,
+    collector: GcSettler,
 ) -> list[DhtNode]:
     peers = workload.bootstrap_peers(join_batch)
-    nodes: list[DhtNode] = []
     progress = Progress(_SYSTEM, "joined", workload.nodes)
     virtual_started = trio.current_time()
-    alone = 0
-    for batch in workload.join_batches(join_batch):
-        newcomers: list[DhtNode] = []
-        for i in batch:
-            host = net.add_host()
-            env = Env.simulated(host, (workload.seed << 32) | i)
-            node = DhtNode(env, Identity.generate(env.random_bytes), host=host.address, port=_PORT, cert_cache=certs)
-            await nursery.start(node.run)
-            newcomers.append(node)
-        if nodes:
-            unanswered: list[DhtNode] = []
-            async with trio.open_nursery() as joins:
-                for i, node in zip(batch, newcomers, strict=True):
-                    joins.start_soon(_bootstrap, node, nodes[peers[i - 1]], unanswered)  # from an earlier batch
-            alone += len(unanswered)
-        nodes.extend(newcomers)
+
+    def make_node(i: int) -> DhtNode:
+        host = net.add_host()
+        env = Env.simulated(host, (workload.seed << 32) | i)
+        return DhtNode(env, Identity.generate(env.random_bytes), host=host.address, port=_PORT, cert_cache=certs)
+
+    def after_batch(nodes: list[DhtNode]) -> None:
         collector.settle()
         progress.tick(
             len(nodes), f", {trio.current_time() - virtual_started:,.1f}s virtual, {net.stats.sent:,} datagrams"
         )
+
+    nodes, alone = await join_in_batches(
+        nursery, workload.join_batches(join_batch), make_node, lambda i, _: peers[i - 1], after_batch
+    )
     if alone:
         info(_SYSTEM, f"{alone:,} nodes got no answer from their bootstrap node")
     return nodes
-
-
-async def _bootstrap(node: DhtNode, peer: DhtNode, unanswered: list[DhtNode]) -> None:
-    if not await node.bootstrap([peer.address]):
-        unanswered.append(node)
 
 
 def _report_network(net: SimNetwork) -> None:
     stats = net.stats
     dropped = stats.dropped_overflow + stats.dropped_unreachable + stats.dropped_down + stats.dropped_partition
     info(_SYSTEM, f"network: {stats.sent:,} datagrams sent, {stats.delivered:,} delivered, {dropped:,} dropped")
-
-
-def xor_closest(sorted_ids: list[int], target: int) -> int:
-    """The id in the non-empty, sorted ``sorted_ids`` closest to ``target`` by XOR distance.
-
-    Walks the implicit binary trie of the sorted list from the top bit down: at each bit, keep the half that
-    agrees with the target's bit if there is one.  160 bisections instead of N distance computations.
-    """
-    lo, hi = 0, len(sorted_ids)
-    prefix = 0
-    for bit in reversed(range(NODE_ID_BITS)):
-        if hi - lo == 1:
-            break
-        one = prefix | (1 << bit)
-        mid = bisect_left(sorted_ids, one, lo, hi)  # [lo, mid) has this bit clear, [mid, hi) has it set
-        if (target >> bit) & 1:
-            if mid < hi:
-                lo, prefix = mid, one
-            else:
-                hi = mid
-        elif mid > lo:
-            hi = mid
-        else:
-            prefix = one
-    return sorted_ids[lo]
-
-
-def _closest_but(sorted_ids: list[int], target: int, excluded: int) -> int:
-    position = bisect_left(sorted_ids, excluded)
-    if position < len(sorted_ids) and sorted_ids[position] == excluded:
-        del sorted_ids[position]
-        try:
-            return xor_closest(sorted_ids, target)
-        finally:
-            sorted_ids.insert(position, excluded)
-    return xor_closest(sorted_ids, target)

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from simulations._simkit import join_batches
+
 __all__ = [
     "KEY_BYTES",
     "SIM_JOIN_BATCH",
@@ -89,17 +91,8 @@ class Workload:
         return random.Random(self.seed * 16 + stream)
 
     def join_batches(self, join_batch: int = 1) -> list[range]:
-        """The nodes that join together, in order: node 0 alone, then batches of at most ``join_batch`` nodes and
-        at most as many nodes as have joined before (sizes 1, 1, 2, 4, ..., up to ``join_batch``)."""
-        if join_batch < 1:
-            raise ValueError("join_batch must be at least 1")
-        batches = [range(1)]
-        first = 1
-        while first < self.nodes:
-            stop = min(self.nodes, first + min(join_batch, first))
-            batches.append(range(first, stop))
-            first = stop
-        return batches
+        """The nodes that join together, in order (see :func:`simulations._simkit.join_batches`)."""
+        return join_batches(self.nodes, join_batch)
 
     def bootstrap_peers(self, join_batch: int = 1) -> list[int]:
         """For node ``i >= 1``, at index ``i - 1``: the node it bootstraps from, a random node of an earlier batch

@@ -31,7 +31,6 @@ right text and sender) / messages sent.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 import statistics
@@ -51,6 +50,14 @@ from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage
 from p2pchat.net.sim import DEFAULT_TIME_RESOLUTION, LinkModel, SimHost, SimNetwork, Uniform, open_sim_network
 from p2pchat.node import Node
 from simulations._messaging_loopback import info, message_text
+from simulations._simkit import (
+    UDP_PORT,
+    ChurnDriver,
+    Exponential,
+    join_batches,
+    join_in_batches,
+    make_full_node,
+)
 
 __all__ = [
     "LINK",
@@ -74,9 +81,6 @@ MIN_RECIPIENT_OFFLINE = 600.0
 
 WARM_UP_TIMEOUT = 2 * HOUR
 """Virtual seconds the warm-up messages may take to be delivered."""
-
-_UDP_PORT = 4000
-_TCP_PORT = 4001
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +195,14 @@ async def _simulate(config: OfflineConfig) -> OfflineResult:
         start = trio.current_time()
         _plan(pairs, config, rng, start)
         horizon = max(p.away_until for p in pairs) + config.settle
-        churn = _ChurnDriver(dht_hosts, config, random.Random(rng.getrandbits(64)), start, horizon)
+        churn = ChurnDriver.at_rate(
+            dht_hosts,
+            rate_per_hour=config.churn,
+            offline=Exponential(config.offline_mean, MIN_OFFLINE),
+            rng=random.Random(rng.getrandbits(64)),
+            start=start,
+            horizon=horizon,
+        )
         churn_scope = trio.CancelScope()
 
         async def run_churn() -> None:
@@ -232,26 +243,16 @@ async def _simulate(config: OfflineConfig) -> OfflineResult:
 async def _join_dht(
     net: SimNetwork, nursery: trio.Nursery, config: OfflineConfig, certs: CertCache, rng: random.Random
 ) -> tuple[list[DhtNode], list[SimHost]]:
-    nodes: list[DhtNode] = []
     hosts: list[SimHost] = []
-    while len(nodes) < config.dht_nodes:
-        first = len(nodes)
-        size = 1 if first == 0 else min(config.join_batch, first, config.dht_nodes - first)
-        newcomers: list[DhtNode] = []
-        for i in range(first, first + size):
-            host = net.add_host()
-            env = Env.simulated(host, (config.seed << 32) | i)
-            node = DhtNode(
-                env, Identity.generate(env.random_bytes), host=host.address, port=_UDP_PORT, cert_cache=certs
-            )
-            await nursery.start(node.run)
-            newcomers.append(node)
-            hosts.append(host)
-        if nodes:
-            async with trio.open_nursery() as joins:
-                for node in newcomers:
-                    joins.start_soon(node.bootstrap, [nodes[rng.randrange(first)].address])
-        nodes.extend(newcomers)
+
+    def make_node(i: int) -> DhtNode:
+        host = net.add_host()
+        hosts.append(host)
+        env = Env.simulated(host, (config.seed << 32) | i)
+        return DhtNode(env, Identity.generate(env.random_bytes), host=host.address, port=UDP_PORT, cert_cache=certs)
+
+    batches = join_batches(config.dht_nodes, config.join_batch)
+    nodes, _ = await join_in_batches(nursery, batches, make_node, lambda _, first: rng.randrange(first))
     return nodes, hosts
 
 
@@ -265,16 +266,7 @@ async def _start_pairs(
 ) -> list[_Pair]:
     users: list[tuple[Node, SimHost]] = []
     for i in range(2 * config.pairs):
-        host = net.add_host()
-        env = Env.simulated(host, (config.seed << 32) | (config.dht_nodes + i))
-        node = Node(
-            env,
-            Identity.generate(env.random_bytes),
-            host=host.address,
-            udp_port=_UDP_PORT,
-            tcp_port=_TCP_PORT,
-            cert_cache=certs,
-        )
+        node, host = make_full_node(net, (config.seed << 32) | (config.dht_nodes + i), certs)
         await nursery.start(node.run)
         users.append((node, host))
     async with trio.open_nursery() as joins:
@@ -391,63 +383,6 @@ async def _sender_reads(pair: _Pair) -> None:
             pair.acked.add(event.message_id)
         elif event.state is MessageState.STORED:
             pair.stored_replicas.append(event.replicas)
-
-
-class _ChurnDriver:
-    """Takes DHT hosts down and up on a precomputed schedule (alternating exponential periods)."""
-
-    def __init__(
-        self, hosts: list[SimHost], config: OfflineConfig, rng: random.Random, start: float, horizon: float
-    ) -> None:
-        self.hosts = hosts
-        self.start = start
-        self.downs = 0
-        self.initially_down = 0
-        self._offline_seconds = 0.0
-        self._down_since: dict[int, float] = {}
-        self._events: list[tuple[float, int, bool]] = []  # (when, host index, goes up)
-        if config.churn <= 0:
-            return
-        on_mean = HOUR / config.churn - config.offline_mean
-        p_off = config.offline_mean / (HOUR / config.churn)
-        for index in range(len(hosts)):
-            t = start
-            up = rng.random() >= p_off
-            if not up:
-                self._events.append((t, index, False))
-            while t < horizon:
-                if up:
-                    t += rng.expovariate(1.0 / on_mean)
-                else:
-                    t += max(MIN_OFFLINE, rng.expovariate(1.0 / config.offline_mean))
-                up = not up
-                if t < horizon:
-                    self._events.append((t, index, up))
-        heapq.heapify(self._events)
-
-    async def run(self) -> None:
-        events = self._events
-        while events:
-            when, index, up = heapq.heappop(events)
-            await trio.sleep_until(when)
-            host = self.hosts[index]
-            if up:
-                if not host.up:
-                    host.set_up()
-                    self._offline_seconds += when - self._down_since.pop(index)
-            elif host.up:
-                host.set_down()
-                if when > self.start:
-                    self.downs += 1  # those offline from the start are the steady state, not churn
-                else:
-                    self.initially_down += 1
-                self._down_since[index] = when
-
-    def offline_fraction(self, now: float) -> float:
-        """Average fraction of the hosts offline from the start until *now*."""
-        total = self._offline_seconds + sum(now - since for since in self._down_since.values())
-        span = max(1e-9, (now - self.start) * len(self.hosts))
-        return total / span
 
 
 def _report(pairs: list[_Pair], net: SimNetwork, result: OfflineResult) -> None:

@@ -159,6 +159,8 @@ class SimStats:
     dropped_unreachable: int = 0
     dropped_overflow: int = 0
     stream_bytes: int = 0
+    bytes_sent: int = 0
+    """Datagram payload bytes sent (a duplicate made by the link not counted)."""
 
 
 TraceEvent = tuple[float, str, str, str, int]
@@ -301,6 +303,9 @@ class SimNetwork:
     def _send_datagram(self, src_host: SimHost, source: Address, data: bytes, destination: Address) -> None:
         stats = self.stats
         stats.sent += 1
+        stats.bytes_sent += len(data)
+        src_host.datagrams_sent += 1
+        src_host.bytes_sent += len(data)
         tracing = self.trace is not None
         if tracing:
             self._record("send", source, destination, len(data))
@@ -409,7 +414,7 @@ async def open_sim_network(seed: int = 0, **options: Any) -> AsyncIterator[SimNe
 class SimHost(Network):
     """One simulated machine: its addresses, its state (up or down), and the sockets opened on it."""
 
-    __slots__ = ("_streams", "addresses", "index", "network", "partition", "up")
+    __slots__ = ("_streams", "addresses", "bytes_sent", "datagrams_sent", "index", "network", "partition", "up")
 
     def __init__(self, network: SimNetwork, index: int, addresses: tuple[str, ...]) -> None:
         self.network = network
@@ -417,6 +422,10 @@ class SimHost(Network):
         self.addresses = addresses
         self.partition = 0
         self.up = True
+        self.datagrams_sent = 0
+        """Datagrams this host handed to the network (a duplicate made by the link not counted)."""
+        self.bytes_sent = 0
+        """Bytes this host handed to the network: datagram payloads plus stream bytes (no header overhead)."""
         self._streams: set[SimStream] | None = None
 
     @property
@@ -742,6 +751,7 @@ class SimStream(Stream):
 
     def _transmit(self, peer: SimStream, chunk: object, size: int) -> None:
         net = self._host.network
+        self._host.bytes_sent += size
         model = net.link(self._host, peer._host)
         when = trio.current_time() + model.latency.sample(net.rng)
         if model.bandwidth is not None:
