@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ class SqliteBackend:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.text_factory = _text_or_bytes
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -231,6 +233,15 @@ class SqliteBackend:
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+
+
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """SQLite text as str; text that is not UTF-8 (a corrupt or tampered row) stays bytes, which the reload then
+    drops and counts as a malformed row -- sqlite3's own decoder would raise and stop the whole reload."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 _MAILBOX_SPACES: Final = (Space.ENTRY, Space.TOMBSTONE)
@@ -552,6 +563,7 @@ class Store:
                     and isinstance(blob, bytes)
                     and isinstance(source, str)
                     and isinstance(stored_at, float | int)
+                    and math.isfinite(stored_at)
                 ):
                     raise ProtocolError("malformed row")
                 space = Space(space_value)
