@@ -2,7 +2,8 @@
 
     python -m tests.fuzz.flood [--datagrams 100000] [--connections 1000] [--json flood.json]
 
-It starts a small DHT (``DhtConfig.single_host()``: every node shares 127.0.0.1), a victim Node (DHT, messenger,
+It starts a small DHT (``DhtConfig.single_host()``: every node shares 127.0.0.1; the victim keeps its per-source
+rate limit, and the attacker sends from 127.0.0.2), a victim Node (DHT, messenger,
 SQLite in a temporary home) and a sender Node, all in this process; floods the victim's UDP port from a plain
 socket (random bytes and mutated real packets, in bursts) and its TCP port with junk connections (garbage, an
 absurd frame length, a hello then garbage, a hello then silence, silence, an immediate close; 100 at a time);
@@ -25,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import trio
 from p2pchat.core.framing import encode_frame
 from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
+from p2pchat.core.ratelimit import RateLimits
 from p2pchat.core.records import RecordKind
 from p2pchat.dht.node import DhtConfig, DhtNode
 from p2pchat.env import Env
@@ -47,6 +50,9 @@ from .corpus import corpus
 from .mutate import mutate, random_input
 
 HOST = "127.0.0.1"
+ATTACKER = "127.0.0.2"
+"""The flood's source: another loopback address, so the victim's per-source rate limit (on, unlike the other
+nodes', which all share 127.0.0.1) applies to the attacker and not to its honest peers."""
 DEADLINE = 120.0
 """Seconds any one step may take on a loaded machine (each takes far less)."""
 
@@ -54,6 +60,10 @@ BURST = 500
 """Datagrams sent before the flooder yields to the nodes."""
 
 CONCURRENT_CONNECTIONS = 100
+
+MEMORY_BOUND_MIB = 128
+"""The documented bound (docs/security.md section 12) on a node's memory above its idle baseline, whatever its
+peers send; the run fails if the process's RSS grows by more over the flood."""
 
 
 def _status_mib(field: str) -> float:
@@ -78,6 +88,7 @@ async def flood_datagrams(victim: Address, count: int, rng: random.Random) -> in
     seeds = corpus().datagrams()
     sent = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((ATTACKER, 0))
         sock.setblocking(False)
         for start in range(0, count, BURST):
             for _ in range(min(BURST, count - start)):
@@ -95,7 +106,7 @@ async def flood_datagrams(victim: Address, count: int, rng: random.Random) -> in
 async def junk_connection(victim: Address, kind: int, rng: random.Random) -> None:
     """One junk connection of the given *kind* (see the module docstring)."""
     try:
-        stream = await trio.open_tcp_stream(victim.host, victim.port)
+        stream = await trio.open_tcp_stream(victim.host, victim.port, local_address=ATTACKER)
     except OSError:
         return
     hello = corpus().handshake.hello
@@ -141,9 +152,12 @@ async def run(datagrams: int, connections: int, home: Path) -> dict[str, Any]:
                     await node.bootstrap([dht[-1].address])
                 dht.append(node)
             users = []
-            for name in ("bob", "alice"):
+            # The victim keeps the default per-source rate limit: the attacker has an address of its own.
+            victim_config = replace(config, rate_limits=RateLimits())
+            for name, user_config in (("bob", victim_config), ("alice", config)):
                 env = Env.real()
-                user = Node(env, Identity.generate(env.random_bytes), host=HOST, home=home / name, dht_config=config)
+                identity = Identity.generate(env.random_bytes)
+                user = Node(env, identity, host=HOST, home=home / name, dht_config=user_config)
                 await nursery.start(user.run)
                 assert await user.bootstrap([dht[0].address]) == 1
                 users.append(user)
@@ -210,6 +224,7 @@ async def run(datagrams: int, connections: int, home: Path) -> dict[str, Any]:
             "rss_before_mib": round(rss_before, 1),
             "rss_after_mib": round(rss_after, 1),
             "rss_peak_mib": round(peak_rss_mib(), 1),
+            "rss_bound_mib": MEMORY_BOUND_MIB,
             "store_bytes": bob.store.total_bytes,
             "lookup_ok": bool(lookup.contacts),
             "ping_ok": pinged,
@@ -237,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(text + "\n")
     ok = all(figures[k] for k in ("lookup_ok", "ping_ok", "record_lookup_ok", "message_received", "message_delivered"))
-    return 0 if ok else 1
+    bounded = figures["rss_peak_mib"] - figures["rss_before_mib"] < MEMORY_BOUND_MIB
+    return 0 if ok and bounded else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -61,9 +62,11 @@ from p2pchat.core.records import (
 )
 from p2pchat.core.schema import from_wire, to_wire
 from p2pchat.dht.store import Space, SqliteBackend, Store
+from p2pchat.env import Env
 from p2pchat.errors import AddressError, KeyFileError, ProtocolError
 from p2pchat.keyfile import KdfLimits, load_identity, save_identity
 from p2pchat.messaging.db import DatabaseError, MessageDB
+from p2pchat.messaging.messenger import Messenger
 
 from .corpus import NOW, corpus, seal_raw_envelope, seeded_random_bytes
 
@@ -317,6 +320,36 @@ def _disk_state(data: bytes) -> None:
         raise ProtocolError("no decoder took it")
 
 
+def _messenger_take(data: bytes) -> None:
+    """The messenger's receive handler (``Messenger._take``, what a channel or the mailbox feeds) on a fresh
+    database: byte 0 picks the claimed sender (Alice, a stranger, Bob himself), the rest is the ratchet message.
+    ``_take`` catches the protocol errors itself; anything it lets out would end the task that called it."""
+    c = corpus()
+    if not data:
+        raise ProtocolError("empty")
+    sender = (c.alice.public.key, c.node.public.key, c.bob.public.key)[data[0] % 3]
+    messenger = _bob_messenger()
+    try:
+        if not messenger._take(sender, data[1:]):
+            raise ProtocolError("not taken")
+        [row] = messenger.db.history()
+        assert row.peer == sender and not row.outgoing
+    finally:
+        messenger.db.close()
+
+
+def _bob_messenger() -> Messenger:
+    """Bob's messenger on a fresh in-memory database holding the prekeys Alice's corpus messages were made for."""
+    c = corpus()
+    db = MessageDB(":memory:")
+    with db.transaction():
+        db.put("prekeys", x3dh.encode_prekey_state(c.ratchet_pair.bob_prekeys))
+        db.put("mailbox_seed", bytes(32))
+    env = Env(None, rng=random.Random(1), random_bytes=seeded_random_bytes(3), wall=lambda: float(NOW))  # type: ignore[arg-type]
+    # _take needs neither the DHT nor the network: it decrypts, checks and commits.
+    return Messenger(env, c.bob, None, db, host="127.0.0.1")  # type: ignore[arg-type]
+
+
 # --- node certificates, LAN TXT records, addresses -------------------------------------------------------------
 
 
@@ -557,6 +590,15 @@ def _targets() -> dict[str, Target]:
         Target("envelope_inside", _envelope_inside, _P, _envelope_inside_seeds, 4096, "behind the AEAD"),
         Target("ratchet_message", _ratchet_message, _P, lambda: c().ratchet_messages(), 4096, "X3DH + ratchet"),
         Target("ratchet_header", _ratchet_header, _P, lambda: c().ratchet_headers(), 256, "header + skip"),
+        Target(
+            "messenger_take",
+            _messenger_take,
+            _P,
+            lambda: [bytes((0,)) + m for m in c().ratchet_messages()],
+            4096,
+            "Messenger._take on a fresh database",
+            slow=True,
+        ),
         Target("content", _content, _P, lambda: c().contents(), 4096, "message plaintext"),
         Target("bundle", _bundle, _P, lambda: c().bundles(), 8192, "prekey bundle + initiate"),
         Target("initial_header", _initial_header, _P, lambda: c().initial_headers(), 512, "X3DH respond"),
