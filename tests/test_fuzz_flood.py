@@ -11,12 +11,14 @@ Virtual time, fixed seeds.
 from __future__ import annotations
 
 import gc
+import hashlib
 import random
 import tracemalloc
 
+import pytest
 import trio
 import trio.testing
-from fuzz.corpus import corpus
+from fuzz.corpus import NOW, corpus
 from fuzz.mutate import mutate, random_input
 
 from p2pchat.core.framing import encode_frame
@@ -24,7 +26,8 @@ from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
 from p2pchat.core.nodecert import CertCache
 from p2pchat.core.parts import MAX_CONCURRENT_TRANSFERS, MAX_REASSEMBLY_BYTES
-from p2pchat.core.records import RecordKind
+from p2pchat.core.records import RecordKind, encode_entry, entry_expiry, make_entry
+from p2pchat.dht.store import QuotaExceededError, Space, Store, StoreLimits
 from p2pchat.env import Env
 from p2pchat.messaging.channel import HANDSHAKE_TIMEOUT
 from p2pchat.messaging.db import MessageState
@@ -34,6 +37,9 @@ from p2pchat.net.sim import SimHost, SimNetwork, open_sim_network
 from p2pchat.node import Node
 
 from dhtsim import LINK, start_nodes
+
+STORE_MEMORY_FACTOR = 1.25
+"""A full store's Python memory over its quota (measured: 1.06 for one-byte entries, 0.99 for 60 KB ones)."""
 
 DATAGRAMS = 5000
 CONNECTIONS = 100
@@ -163,3 +169,37 @@ async def test_node_under_a_datagram_and_connection_flood_keeps_serving(autojump
                     if update.state is MessageState.DELIVERED:
                         break
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("payload_bytes", [1, 60_000])
+def test_flood_of_entries_from_many_addresses_stays_within_the_store_quota(payload_bytes: int) -> None:
+    # An attacker with many addresses (an IPv6 /64 is plenty) fills a store with entries under distinct keys,
+    # each from another source, and asks for each one (so its parts are cached).  The quota charges each item its
+    # blob plus ITEM_OVERHEAD_BYTES; the Python memory behind that must stay within 1.25 times the quota.  At the
+    # former 128-byte charge one-byte entries took 6.5 times their quota, and cached parts doubled a large blob.
+    limits = StoreLimits(total_bytes=2 * 1024 * 1024)
+    payload = bytes(payload_bytes)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        store = Store(NodeId(bytes(20)), limits)
+        count = 0
+        while True:
+            key = NodeId(hashlib.blake2b(count.to_bytes(8, "big"), digest_size=20).digest())
+            entry = make_entry(key, payload, entry_expiry(NOW))
+            try:
+                store.put(Space.ENTRY, key, encode_entry(entry), f"2001:db8::{count:x}", NOW)
+            except QuotaExceededError:
+                break
+            item = store.item(Space.ENTRY, key, entry.entry_id, NOW)
+            assert item is not None
+            item.parts()
+            count += 1
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.stats.refused_quota == 1 and store.total_bytes <= limits.total_bytes
+    assert count > (10 if payload_bytes > 1 else 1000)
+    assert after - before < STORE_MEMORY_FACTOR * limits.total_bytes

@@ -61,7 +61,7 @@ BURST = 500
 
 CONCURRENT_CONNECTIONS = 100
 
-MEMORY_BOUND_MIB = 128
+MEMORY_BOUND_MIB = 256
 """The documented bound (docs/security.md section 12) on a node's memory above its idle baseline, whatever its
 peers send; the run fails if the process's RSS grows by more over the flood."""
 
