@@ -5,6 +5,8 @@
   counted like any other row that no longer validates.
 * ``DhtNode._fetch_blob`` fetched parts in a nursery: a holder answering several parts wrongly (or several
   timing out) raised an ExceptionGroup that no caller catches, so one hostile holder stopped a mailbox fetch.
+* A home's profile.json of nested arrays (4 KiB of ``[`` fits its size limit) made ``json.loads`` raise
+  RecursionError out of ``Home.profile`` instead of its one-line error.
 * The messenger's database rows were converted with ``bytes()``/``float()``/``int()``/enum calls: a tampered
   cell raised ``ValueError``/``TypeError`` (not the module's ``DatabaseError``), was silently converted (an int
   id became that many zero bytes), or -- an id holding a large integer -- made ``bytes(n)`` allocate n bytes.
@@ -42,6 +44,8 @@ from p2pchat.core.parts import make_parts
 from p2pchat.core.records import decode_entry, encode_entry, encode_record, entry_expiry, make_entry
 from p2pchat.core.schema import Packet
 from p2pchat.dht.store import Space, SqliteBackend, Store
+from p2pchat.errors import UserError
+from p2pchat.home import Home
 from p2pchat.messaging.db import DatabaseError, MessageDB
 from p2pchat.net.base import DatagramEndpoint
 
@@ -209,3 +213,14 @@ async def test_holder_answering_every_part_wrongly_cannot_crash_a_mailbox_fetch(
         result = await fire.honest.fetch_mailbox(c.mailbox)
         assert result.entries == [] and result.invalid == 1 and result.holders == 1
         nursery.cancel_scope.cancel()
+
+
+def test_profile_nested_deeper_than_python_recursion_is_damaged_not_a_crash(tmp_path: Path) -> None:
+    # 4 KiB of "[" fits the profile's size limit, and json.loads raised RecursionError, which escaped Home.profile
+    # as a traceback instead of the one-line "damaged" error.
+    home = Home(tmp_path / "home")
+    home.make_private()
+    home.key_file.write_bytes(b"")
+    home.profile_file.write_bytes(b"[" * 2000 + b"]" * 2000)
+    with pytest.raises(UserError, match="damaged"):
+        home.profile()

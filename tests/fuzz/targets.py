@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import sqlite3
@@ -27,6 +28,8 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]
 from zeroconf import ServiceInfo
 
+from p2pchat.control.protocol import HEADER_BYTES, MAX_REQUEST_BYTES, FrameReader, parse_request
+from p2pchat.control.protocol import encode_frame as control_frame
 from p2pchat.core import envelope, ratchet, x3dh
 from p2pchat.core.address import decode_address
 from p2pchat.core.framing import (
@@ -63,7 +66,8 @@ from p2pchat.core.records import (
 from p2pchat.core.schema import from_wire, to_wire
 from p2pchat.dht.store import Space, SqliteBackend, Store
 from p2pchat.env import Env
-from p2pchat.errors import AddressError, KeyFileError, ProtocolError
+from p2pchat.errors import AddressError, KeyFileError, ProtocolError, UserError
+from p2pchat.home import MAX_SAVED_BOOTSTRAP, Home
 from p2pchat.keyfile import KdfLimits, load_identity, save_identity
 from p2pchat.messaging.db import DatabaseError, MessageDB
 from p2pchat.messaging.messenger import Messenger
@@ -373,6 +377,77 @@ def _address(data: bytes) -> None:
     decode_address(data.decode("utf-8", "replace"))
 
 
+# --- the control socket, the home directory's files -----------------------------------------------------------
+
+
+def _control_frames(data: bytes) -> None:
+    """Control-socket bytes: frames split whole and one byte at a time (same maps, same verdict), each request
+    checked; the reader never holds more than a header, one maximal body and the last chunk fed."""
+    verdicts = []
+    for size in (max(1, len(data)), 1):
+        reader = FrameReader(MAX_REQUEST_BYTES)
+        maps: list[object] = []
+        verdict = None
+        try:
+            for start in range(0, len(data), size):
+                reader.feed(data[start : start + size])
+                assert reader.buffered <= HEADER_BYTES + MAX_REQUEST_BYTES + size
+                while (value := reader.next()) is not None:
+                    maps.append(value)
+            reader.feed_eof()
+        except ProtocolError as exc:
+            verdict = str(exc)
+        verdicts.append((maps, verdict))
+    assert repr(verdicts[0]) == repr(verdicts[1]), verdicts  # repr: a NaN in a map is not equal to itself
+    maps, verdict = verdicts[0]
+    for value in maps:
+        parse_request(value)  # type: ignore[arg-type]
+    if verdict is not None:
+        raise ProtocolError(verdict)
+
+
+def _home_with(name: str, data: bytes) -> Home:
+    home = Home(_scratch_dir() / "home")
+    home.path.mkdir(exist_ok=True)
+    home.key_file.write_bytes(b"")  # "an identity lives here": the profile reader checks it first
+    (home.path / name).write_bytes(data)
+    return home
+
+
+def _profile(data: bytes) -> None:
+    home = _home_with("profile.json", data)
+    profile = home.profile()
+    assert isinstance(profile.address, str)
+
+
+def _bootstrap_file(data: bytes) -> None:
+    home = _home_with(Home(Path("x")).bootstrap_file.name, data)
+    addresses = home.saved_bootstrap()
+    assert len(addresses) <= MAX_SAVED_BOOTSTRAP
+    if not addresses:
+        raise UserError("no address")
+
+
+def _control_seeds() -> list[bytes]:
+    requests = [
+        {"id": 1, "op": "status"},
+        {"id": 2, "op": "send", "to": "bob", "text": "hello"},
+        {"id": 3, "op": "message", "message_id": "00" * 16},
+        {"id": 4, "op": "history", "peer": None, "limit": 50},
+        {"id": 5, "op": "subscribe"},
+    ]
+    frames = [control_frame(r, MAX_REQUEST_BYTES) for r in requests]
+    return [*frames, b"".join(frames)]
+
+
+def _profile_seeds() -> list[bytes]:
+    c = corpus()
+    return [
+        json.dumps({"address": c.alice.public.address, "name": "alice"}, indent=2).encode() + b"\n",
+        json.dumps({"address": c.bob.public.address, "name": None}).encode(),
+    ]
+
+
 # --- the key file ---------------------------------------------------------------------------------------------
 
 PASSPHRASE = "correct horse"
@@ -606,6 +681,17 @@ def _targets() -> dict[str, Target]:
         Target("nodecert", _nodecert, _P, lambda: c().nodecerts(), 512, "decode + verify"),
         Target("lan_txt", _lan_txt, _P, lambda: c().txt_records(), 1024, "zeroconf TXT -> decode_txt"),
         Target("address", _address, (AddressError,), lambda: c().addresses(), 256, "decode_address"),
+        Target("control_frames", _control_frames, _P, _control_seeds, 8192, "control socket frames + requests"),
+        Target("profile", _profile, (UserError,), _profile_seeds, 4200, "home profile.json", slow=True),
+        Target(
+            "bootstrap_file",
+            _bootstrap_file,
+            (UserError,),
+            lambda: [b"127.0.0.1:7391\n[::1]:7391\n10.0.0.1:1\n"],
+            4096,
+            "home bootstrap file",
+            slow=True,
+        ),
         Target("keyfile", _keyfile, (KeyFileError,), keyfile_seeds, 4096, "load_identity", slow=True),
         Target("store_rows", _store_rows, _P, store_row_seeds, 16384, "SqliteBackend reload", slow=True),
         Target(
