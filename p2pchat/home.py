@@ -229,7 +229,8 @@ class Home:
             if not isinstance(address, str) or not (name is None or isinstance(name, str)):
                 raise ValueError("wrong types")
             PublicIdentity.from_address(address)
-        except (ValueError, KeyError, TypeError, AddressError):
+        except (ValueError, KeyError, TypeError, RecursionError, AddressError):
+            # RecursionError: json nests arrays by recursion, and 4 KiB of "[" is deeper than Python allows.
             raise UserError(f"{path} is damaged; recreate it with `p2pchat id --repair`") from None
         return Profile(address, name)
 

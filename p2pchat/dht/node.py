@@ -669,14 +669,24 @@ class DhtNode:
         parts[0] = first
         if first.total > 1:
             limiter = trio.CapacityLimiter(FETCH_WINDOW)
+            failures: list[P2PChatError] = []
 
             async def fetch(index: int) -> None:
                 async with limiter:
-                    parts[index] = part_of(await self._part_request(get(index), address))
+                    try:
+                        parts[index] = part_of(await self._part_request(get(index), address))
+                    except P2PChatError as exc:
+                        # One bad or lost part spoils the blob: stop asking, and raise one error after the
+                        # nursery -- several failing parts would otherwise escape as an ExceptionGroup, which no
+                        # caller catches (a holder answering every part wrongly crashed the mailbox fetch).
+                        failures.append(exc)
+                        nursery.cancel_scope.cancel()
 
             async with trio.open_nursery() as nursery:
                 for index in range(1, first.total):
                     nursery.start_soon(fetch, index)
+            if failures:
+                raise failures[0]
         blob = bytearray()
         for index, part in enumerate(parts):
             if part is None or part.index != index or part.total != first.total or part.digest != first.digest:

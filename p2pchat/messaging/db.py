@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from p2pchat.dbfile import DatabaseError, damaged, open_database
 
@@ -115,23 +115,68 @@ _MESSAGE_COLUMNS: Final = (
 _OPEN_STATES: Final = (MessageState.QUEUED, MessageState.SENT, MessageState.STORED)
 
 
+def _corrupt(what: str, value: object) -> DatabaseError:
+    return DatabaseError(
+        f"the message database is corrupt: {what} holds a {type(value).__name__}; restore it from a backup"
+    )
+
+
+# Rows are read back as strictly as network input: a tampered or corrupt cell is a DatabaseError naming it, never
+# a stray TypeError, a silently converted value, or a bytes(n) that allocates n bytes.
+
+
+def _blob(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise _corrupt(what, value)
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise _corrupt(what, value)
+    return value
+
+
+def _integer(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise _corrupt(what, value)
+    return value
+
+
+def _real(value: object, what: str) -> float:
+    # SQLite hands back a REAL that holds a whole number as int when the column stored it as one.
+    if type(value) is not float and type(value) is not int:
+        raise _corrupt(what, value)
+    return float(value)
+
+
+_E = TypeVar("_E", MessageState, ContactStatus)
+
+
+def _enum(cls: type[_E], value: object, what: str) -> _E:
+    try:
+        return cls(_text(value, what))
+    except ValueError:
+        raise DatabaseError(f"the message database is corrupt: {what} holds an unknown value") from None
+
+
 def _message(row: tuple[object, ...]) -> MessageRow:
     (id_, peer, outgoing, text, sent_at, seq, state, replicas, reason, expires_at, received_at, wire, nxt, tries) = row
     return MessageRow(
-        id=bytes(id_),  # type: ignore[call-overload]
-        peer=bytes(peer),  # type: ignore[call-overload]
-        outgoing=bool(outgoing),
-        text=str(text),
-        sent_at=float(sent_at),  # type: ignore[arg-type]
-        seq=int(seq),  # type: ignore[call-overload]
-        state=MessageState(str(state)),
-        replicas=int(replicas),  # type: ignore[call-overload]
-        reason=None if reason is None else str(reason),
-        expires_at=float(expires_at),  # type: ignore[arg-type]
-        received_at=None if received_at is None else float(received_at),  # type: ignore[arg-type]
-        wire=None if wire is None else bytes(wire),  # type: ignore[call-overload]
-        next_attempt=None if nxt is None else float(nxt),  # type: ignore[arg-type]
-        attempts=int(tries),  # type: ignore[call-overload]
+        id=_blob(id_, "a message id"),
+        peer=_blob(peer, "a message peer"),
+        outgoing=bool(_integer(outgoing, "a message direction")),
+        text=_text(text, "a message text"),
+        sent_at=_real(sent_at, "a message time"),
+        seq=_integer(seq, "a message sequence number"),
+        state=_enum(MessageState, state, "a message state"),
+        replicas=_integer(replicas, "a message replica count"),
+        reason=None if reason is None else _text(reason, "a failure reason"),
+        expires_at=_real(expires_at, "a message expiry"),
+        received_at=None if received_at is None else _real(received_at, "a message receive time"),
+        wire=None if wire is None else _blob(wire, "a message ciphertext"),
+        next_attempt=None if nxt is None else _real(nxt, "a message's next attempt"),
+        attempts=_integer(tries, "a message attempt count"),
     )
 
 
@@ -156,6 +201,14 @@ def _foreign(db: sqlite3.Connection) -> str | None:
     return f"a p2pchat message database of version {version}, and this p2pchat reads version {SCHEMA_VERSION}"
 
 
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """SQLite text as str; text that is not UTF-8 stays bytes (and is then refused as a corrupt cell)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 class MessageDB:
     """The messenger's tables.  Use :meth:`transaction` around every group of changes that must land together."""
 
@@ -167,6 +220,7 @@ class MessageDB:
         commit boundary (None in production)."""
         self._depth = 0
         self._db = open_database(path, _create_tables, advice=_ADVICE, foreign=_foreign)
+        self._db.text_factory = _text_or_bytes
         try:
             # Indexes added since version 1 was first written (an index changes no data, so no new version).
             self._db.execute(_SEQ_INDEX)
@@ -207,7 +261,7 @@ class MessageDB:
     def get(self, name: str) -> bytes | None:
         """A blob from the key/value table."""
         row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else _blob(row[0], f"the {name!r} entry")
 
     def put(self, name: str, value: bytes) -> None:
         """Set a blob in the key/value table."""
@@ -218,17 +272,25 @@ class MessageDB:
     def contact(self, key: bytes) -> Contact | None:
         """The contact row for an identity key."""
         row = self._db.execute("SELECT key, name, status, added_at FROM contacts WHERE key = ?", (key,)).fetchone()
-        return None if row is None else Contact(bytes(row[0]), row[1], ContactStatus(row[2]), float(row[3]))
+        if row is None:
+            return None
+        name = None if row[1] is None else _text(row[1], "a contact name")
+        return Contact(
+            _blob(row[0], "a contact key"),
+            name,
+            _enum(ContactStatus, row[2], "a contact status"),
+            _real(row[3], "a contact time"),
+        )
 
     def contact_by_name(self, name: str) -> Contact | None:
         """The contact row with this name."""
         row = self._db.execute("SELECT key FROM contacts WHERE name = ?", (name,)).fetchone()
-        return None if row is None else self.contact(bytes(row[0]))
+        return None if row is None else self.contact(_blob(row[0], "a contact key"))
 
     def contacts(self) -> list[Contact]:
         """Every contact row, by name."""
         rows = self._db.execute("SELECT key FROM contacts ORDER BY name, key").fetchall()
-        return [c for c in (self.contact(bytes(r[0])) for r in rows) if c is not None]
+        return [c for c in (self.contact(_blob(r[0], "a contact key")) for r in rows) if c is not None]
 
     def set_contact(self, key: bytes, name: str | None, status: ContactStatus, now: float) -> None:
         """Insert or update a contact (keeps the original ``added_at``)."""
@@ -247,7 +309,9 @@ class MessageDB:
     def session(self, peer: bytes) -> tuple[bytes, bytes | None] | None:
         """The encoded current and previous session records with *peer*."""
         row = self._db.execute("SELECT current, previous FROM sessions WHERE peer = ?", (peer,)).fetchone()
-        return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+        if row is None:
+            return None
+        return _blob(row[0], "a session"), None if row[1] is None else _blob(row[1], "a previous session")
 
     def delete_session(self, peer: bytes) -> None:
         """Forget the sessions with *peer* (a new one will be started)."""
@@ -344,7 +408,7 @@ class MessageDB:
     def next_seq(self, peer: bytes) -> int:
         """The next outgoing sequence number in the conversation with *peer*."""
         row = self._db.execute("SELECT MAX(seq) FROM messages WHERE peer = ? AND outgoing = 1", (peer,)).fetchone()
-        return 0 if row[0] is None else int(row[0]) + 1
+        return 0 if row[0] is None else _integer(row[0], "a message sequence number") + 1
 
     # --- acknowledgements owed -----------------------------------------------------------------------------------
 
@@ -356,7 +420,7 @@ class MessageDB:
         """Acknowledgements still to send, by peer."""
         owed: dict[bytes, list[bytes]] = {}
         for peer, message_id in self._db.execute("SELECT peer, message_id FROM pending_acks ORDER BY rowid"):
-            owed.setdefault(bytes(peer), []).append(bytes(message_id))
+            owed.setdefault(_blob(peer, "an owed ack's peer"), []).append(_blob(message_id, "an owed ack"))
         return owed
 
     def acks_sent(self, peer: bytes, message_ids: list[bytes]) -> None:
@@ -383,7 +447,9 @@ class MessageDB:
     def taken_wire(self, digest: bytes) -> tuple[bytes, bytes | None] | None:
         """``(peer, message id or None for an ack)`` of a ratchet message already taken, by its digest."""
         row = self._db.execute("SELECT peer, message_id FROM taken_wires WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
+        if row is None:
+            return None
+        return _blob(row[0], "a taken message's peer"), None if row[1] is None else _blob(row[1], "a taken message")
 
     def take_wire(self, digest: bytes, peer: bytes, message_id: bytes | None, now: float) -> None:
         """Remember a ratchet message taken (its key is gone: a resend must be recognised without decrypting)."""

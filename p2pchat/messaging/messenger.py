@@ -20,6 +20,7 @@ SimNetwork.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -57,7 +58,7 @@ from p2pchat.core.records import (
 from p2pchat.dht.node import DhtNode
 from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, ProtocolError, UserError
-from p2pchat.messaging.channel import Channel, open_channel, serve_channels
+from p2pchat.messaging.channel import Channel, ChannelServerStats, open_channel, serve_channels
 from p2pchat.messaging.db import ContactStatus, MessageDB, MessageRow, MessageState
 from p2pchat.messaging.sessions import SessionCodec
 from p2pchat.net.base import Address, Listener
@@ -179,6 +180,8 @@ class Messenger:
         self.host = host
         self.tcp_port = tcp_port
         self.stats = MessengerStats()
+        self.channel_stats = ChannelServerStats()
+        """What the direct-channel server did with incoming connections (junk ones end in ``handshake_*``)."""
         self.mailbox = self._load_mailbox()
         self.mailbox_key = mailbox_key(self.mailbox.public.key)
         self._events_send, self.events = trio.open_memory_channel[IncomingMessage | DeliveryUpdate](MAX_EVENTS_QUEUED)
@@ -221,7 +224,13 @@ class Messenger:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(serve_channels, self._listener, self.identity, self.env.random_bytes, self._serve)
+                nursery.start_soon(
+                    functools.partial(serve_channels, stats=self.channel_stats),
+                    self._listener,
+                    self.identity,
+                    self.env.random_bytes,
+                    self._serve,
+                )
                 nursery.start_soon(self._delivery_loop)
                 nursery.start_soon(self._mailbox_loop)
                 nursery.start_soon(self._publish_loop)
