@@ -30,7 +30,6 @@ Time is the caller's ``now`` (any monotonic float) and randomness the caller's :
 from __future__ import annotations
 
 import enum
-import heapq
 import ipaddress
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -141,10 +140,12 @@ class Contact:
     """A node in the routing table: its id, the address it answers on, and how it has been answering.
 
     The table owns and mutates contacts; callers read them.  ``cert`` is whatever proof of identity the DHT
-    attached (its verified node certificate); the table stores it and never looks inside.
+    attached (its verified node certificate); the table stores it and never looks inside.  ``wire`` is the DHT's
+    cached wire form of the contact (id and address, as replies carry it); the table clears it whenever the
+    address changes.
     """
 
-    __slots__ = ("_key", "address", "cert", "failures", "last_seen", "node_id")
+    __slots__ = ("_key", "address", "cert", "failures", "last_seen", "node_id", "wire")
 
     def __init__(
         self, node_id: NodeId, address: Address, last_seen: float, failures: int = 0, cert: object | None = None
@@ -155,6 +156,7 @@ class Contact:
         self.last_seen = last_seen
         self.failures = failures
         self.cert = cert
+        self.wire: object | None = None
 
     @property
     def is_bad(self) -> bool:
@@ -488,21 +490,16 @@ class RoutingTable:
         groups: list[list[Bucket]] = [[buckets[last]]] if p >= last else [[buckets[p]], buckets[p + 1 :]]
         groups.extend([buckets[i]] for i in range(min(p, last) - 1, -1, -1))
 
-        def distance(contact: Contact) -> int:
-            return contact._key ^ t
-
         result: list[Contact] = []
         for group in groups:
-            need = count - len(result)
+            # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
+            # (so are ids), so a contact is never compared.
             if exclude_failing:
-                members = [c for b in group for c in b._contacts if c.failures < MAX_FAILURES]
+                ranked = [(c._key ^ t, c) for b in group for c in b._contacts if c.failures < MAX_FAILURES]
             else:
-                members = [c for b in group for c in b._contacts]
-            if len(members) <= need:
-                members.sort(key=distance)
-                result.extend(members)
-            else:
-                result.extend(heapq.nsmallest(need, members, key=distance))
+                ranked = [(c._key ^ t, c) for b in group for c in b._contacts]
+            ranked.sort()
+            result.extend([c for _, c in ranked[: count - len(result)]])
             if len(result) >= count:
                 break
         return result
@@ -541,6 +538,7 @@ class RoutingTable:
                 if self._subnet_count(others, limited) >= self._subnet_cap():
                     return _REJECTED_SUBNET
             contact.address = address
+            contact.wire = None
             contact.cert = cert
             contact.failures = 0  # those failures were the old address's
             outcome = ObserveOutcome.ADDRESS_CHANGED

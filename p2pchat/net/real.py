@@ -135,6 +135,7 @@ class RealDatagramEndpoint(DatagramEndpoint):
         """Wait until the socket is readable, then drain up to :data:`MAX_DATAGRAMS_PER_BATCH` datagrams."""
         await trio.lowlevel.checkpoint_if_cancelled()
         batch: list[tuple[bytes, Address]] = []
+        waited = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("datagram endpoint is closed")
@@ -153,12 +154,17 @@ class RealDatagramEndpoint(DatagramEndpoint):
                 raise
             if batch:
                 self.stats.received += len(batch)
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    # Data was there at once: yield anyway, so a flooded socket cannot starve the other tasks.
+                    # After a wait the scheduler has just run, and a second round trip through it would cost as
+                    # much as handling a datagram.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return batch
             try:
                 await trio.lowlevel.wait_readable(self._sock)
             except trio.ClosedResourceError:
                 raise trio.ClosedResourceError("datagram endpoint is closed") from None
+            waited = True
 
     async def aclose(self) -> None:
         """Close the socket (wakes a blocked receive with ClosedResourceError)."""
