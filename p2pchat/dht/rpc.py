@@ -34,6 +34,7 @@ from p2pchat.net.base import Address, DatagramEndpoint
 
 __all__ = [
     "MAX_PENDING_REQUESTS",
+    "MAX_SETTLED_DEADLINES",
     "PendingKey",
     "ReplyCallback",
     "RequestTimeoutError",
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_REQUESTS: Final = 4096
 """Requests this node may have waiting for a reply at once; a lookup uses alpha=3, so this is generous."""
+
+MAX_SETTLED_DEADLINES: Final = 256
+"""Deadlines of answered or withdrawn requests the timer heap may hold beyond twice the pending ones.  They are
+left there rather than removed one by one (the timer drops them when it wakes); past this they are swept."""
 
 RequestHandler = Callable[[Packet, Address], Packet | None]
 CompatHandler = Callable[[bytes, Address, DatagramKind], bytes | None]
@@ -76,6 +81,11 @@ class RpcStats:
     dropped_by_handler: int = 0
     dropped_rate_limited: int = 0
     compat_served: int = 0
+
+
+def _settled(_: Packet | None) -> None:
+    """The callback of a request that was answered or withdrawn (its deadline may still sit in the heap, and must
+    not keep the real callback, and all the lookup state behind it, alive)."""
 
 
 class _Pending:
@@ -152,11 +162,7 @@ class RpcTransport:
         now = trio.current_time()
         pending = _Pending(callback, now, now + wait)
         pending_requests[key] = pending
-        deadlines = self._deadlines
-        if len(deadlines) > 2 * len(pending_requests) + MAX_PENDING_REQUESTS:
-            deadlines[:] = [entry for entry in deadlines if pending_requests.get(entry[2]) is entry[3]]
-            heapq.heapify(deadlines)
-        heapq.heappush(deadlines, (pending.deadline, next(self._sequence), key, pending))
+        heapq.heappush(self._deadlines, (pending.deadline, next(self._sequence), key, pending))
         timer = self._timer
         if timer is not None and pending.deadline < timer.deadline:
             timer.deadline = pending.deadline
@@ -164,7 +170,17 @@ class RpcTransport:
 
     def cancel(self, key: PendingKey) -> None:
         """Withdraw a pending request: a late reply is dropped as unsolicited and the callback is not called."""
-        self._pending.pop(key, None)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.callback = _settled
+            self._sweep_settled()
+
+    def _sweep_settled(self) -> None:
+        deadlines = self._deadlines
+        pending_requests = self._pending
+        if len(deadlines) > 2 * len(pending_requests) + MAX_SETTLED_DEADLINES:
+            deadlines[:] = [entry for entry in deadlines if pending_requests.get(entry[2]) is entry[3]]
+            heapq.heapify(deadlines)
 
     async def request(self, packet: Packet, destination: Address, *, timeout: float | None = None) -> Packet:
         """Send ``packet`` (its ``txid`` must be fresh) and return the reply, or raise :class:`RequestTimeoutError`."""
@@ -215,7 +231,9 @@ class RpcTransport:
                 if pending_requests.get(key) is pending:
                     del pending_requests[key]
                     stats.timeouts += 1
-                    pending.callback(None)
+                    callback = pending.callback
+                    pending.callback = _settled
+                    callback(None)
             # Requests answered meanwhile stay in the heap (moving the timer's deadline on every reply would cost
             # more than this): drop those at the top, so the next wake-up is for a request still pending.
             while deadlines and pending_requests.get(deadlines[0][2]) is not deadlines[0][3]:
@@ -240,7 +258,10 @@ class RpcTransport:
                 return
             stats.replies_received += 1
             self.timeouts.observe(source, trio.current_time() - pending.sent_at)
-            pending.callback(packet)
+            callback = pending.callback
+            pending.callback = _settled
+            self._sweep_settled()
+            callback(packet)
             return
         if not self._allowed(source):
             return
@@ -294,3 +315,7 @@ class RpcTransport:
     def pending_count(self) -> int:
         """Requests waiting for a reply."""
         return len(self._pending)
+
+    def deadlines_held(self) -> int:
+        """Entries in the timer heap: the pending requests' deadlines and, lazily, some settled ones."""
+        return len(self._deadlines)
