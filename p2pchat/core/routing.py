@@ -487,21 +487,33 @@ class RoutingTable:
         # bit than any contact elsewhere, so buckets can be taken whole in a fixed order: the target's own bucket,
         # then (if that is not the last) everything deeper as one group, then the shallower buckets, nearest first.
         p = NODE_ID_BITS - (t ^ self._own).bit_length()
-        groups: list[list[Bucket]] = [[buckets[last]]] if p >= last else [[buckets[p]], buckets[p + 1 :]]
-        groups.extend([buckets[i]] for i in range(min(p, last) - 1, -1, -1))
-
+        # Buckets in order of distance from the target, as groups: each group's contacts are all closer than the
+        # next group's.  Groups are merged until they hold enough contacts, then sorted once.
+        order = [last] if p >= last else [*range(p, last + 1)]
+        order.extend(range(min(p, last) - 1, -1, -1))
         result: list[Contact] = []
-        for group in groups:
+        taken: list[Bucket] = []
+        held = 0
+        for position, index in enumerate(order):
+            bucket = buckets[index]
+            taken.append(bucket)
+            held += len(bucket._contacts)
+            # The deeper buckets after the target's own form one group: never sort part of it alone.
+            inside_group = 0 < position < last - p
+            if (held < count - len(result) or inside_group) and position < len(order) - 1:
+                continue
             # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
             # (so are ids), so a contact is never compared.
             if exclude_failing:
-                ranked = [(c._key ^ t, c) for b in group for c in b._contacts if c.failures < MAX_FAILURES]
+                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
             else:
-                ranked = [(c._key ^ t, c) for b in group for c in b._contacts]
+                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
             ranked.sort()
             result.extend([c for _, c in ranked[: count - len(result)]])
             if len(result) >= count:
                 break
+            taken = []
+            held = 0
         return result
 
     def stale_buckets(self, now: float, rng: random.Random) -> list[NodeId]:

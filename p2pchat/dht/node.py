@@ -96,6 +96,7 @@ __all__ = [
     "MAX_RECENT_STORES",
     "PART_ATTEMPTS",
     "REPUBLISH_INTERVAL",
+    "SERVED_KEYS_REMEMBERED",
     "DhtConfig",
     "DhtNode",
     "GetResult",
@@ -136,6 +137,10 @@ MAX_MAILBOX_PAGES: Final = 32
 
 MAX_RECENT_STORES: Final = 1024
 """Finished store transfers remembered, so a retried part of a stored blob gets the same answer."""
+
+SERVED_KEYS_REMEMBERED: Final = 64
+"""Keys whose closest contacts, as named in this node's last FindValue answer, are kept for the store that
+usually follows (it needs them for hand-over bookkeeping); the oldest is forgotten first."""
 
 MAX_HANDED_PER_KEY: Final = 2 * K
 """Nodes remembered per key as already holding it (the k closest, and some that were)."""
@@ -421,6 +426,7 @@ class DhtNode:
         self.liveness_dropped = 0
         self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
         self._handed: dict[tuple[Space, NodeId], set[NodeId]] = {}
+        self._served: OrderedDict[NodeId, list[Contact]] = OrderedDict()
         self._neighbourhood_changed = False
         self.handovers = 0
 
@@ -561,8 +567,12 @@ class DhtNode:
         return None
 
     def _node_infos(self, target: NodeId) -> tuple[NodeInfo, ...]:
+        return self._infos_of(self.routing.closest(target, MAX_NODES_PER_REPLY))
+
+    @staticmethod
+    def _infos_of(contacts: list[Contact]) -> tuple[NodeInfo, ...]:
         infos = []
-        for contact in self.routing.closest(target, MAX_NODES_PER_REPLY):
+        for contact in contacts:
             info = contact.wire
             if info is None:
                 # Kept on the contact: the same object is then sent in reply after reply, and its encoding is
@@ -584,7 +594,13 @@ class DhtNode:
                 seq, digest = item.seq, item.digest
         else:
             entries = self.store.entry_count(key)
-        return Found(packet.txid, self.cert, self._node_infos(key), token, seq, digest, entries)
+        contacts = self.routing.closest(key, MAX_NODES_PER_REPLY)
+        # A store under this key is likely to follow: its hand-over bookkeeping reuses these contacts.
+        served = self._served
+        served[key] = contacts
+        if len(served) > SERVED_KEYS_REMEMBERED:
+            served.popitem(last=False)
+        return Found(packet.txid, self.cert, self._infos_of(contacts), token, seq, digest, entries)
 
     def _serve_get_part(self, packet: GetPart) -> Packet:
         key = NodeId(packet.key)
@@ -627,9 +643,13 @@ class DhtNode:
             reply = ErrorReply(txid, int(ErrorCode.INVALID), _hint(exc))
         else:
             reply = Stored(txid, complete=True)
-            # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too.
+            # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too
+            # (the contacts this node named in its answer to that lookup, when it still remembers them).
             handed = self._handed.setdefault((_group(space), key), set())
-            handed.update(c.node_id for c in self.routing.closest(key, self.k))
+            closest = self._served.get(key)
+            if closest is None or self.k > MAX_NODES_PER_REPLY:
+                closest = self.routing.closest(key, self.k)
+            handed.update([c.node_id for c in closest[: self.k]])
         self._recent_stores[recent_key] = reply
         if len(self._recent_stores) > MAX_RECENT_STORES:
             self._recent_stores.popitem(last=False)
