@@ -329,11 +329,15 @@ class RoutingTable:
 
     # --- what happened -----------------------------------------------------------------------------------------
 
-    def observe(self, node_id: NodeId, address: Address, now: float, cert: object | None = None) -> ObserveResult:
+    def observe(
+        self, node_id: NodeId, address: Address, now: float, cert: object | None = None, *, answered: bool = False
+    ) -> ObserveResult:
         """Record that a node whose identity the caller verified just sent us something from *address*.
 
         *cert*, when given, replaces the stored certificate (``None`` keeps the old one, except when the address
         changes, since a certificate binds an address).  See :class:`ObserveOutcome` for the answers.
+        ``answered=True`` says it was the reply to a request sent to *address*: the same as calling
+        :meth:`request_succeeded` afterwards, in one pass over the bucket.
         """
         key = node_id.int
         if key == self._own:
@@ -342,7 +346,13 @@ class RoutingTable:
         contacts = bucket._contacts
         i = _find(contacts, key)
         if i >= 0:
-            return self._update(bucket, i, address, now, cert)
+            result = self._update(bucket, i, address, now, cert)
+            contact = result.contact
+            if answered and contact is not None and contact.address == address:
+                contact.failures = 0
+                if bucket._pinging is contact:
+                    bucket._pinging = None
+            return result
 
         # A newcomer -- or a replacement-cache entry heard from again, which is handled as a newcomer that keeps
         # its certificate.

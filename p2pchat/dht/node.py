@@ -655,8 +655,8 @@ class DhtNode:
             self._recent_stores.popitem(last=False)
         return reply
 
-    def _observe(self, node_id: NodeId, address: Address, cert: NodeCert) -> None:
-        result = self.routing.observe(node_id, address, trio.current_time(), cert=cert)
+    def _observe(self, node_id: NodeId, address: Address, cert: NodeCert, *, answered: bool = False) -> None:
+        result = self.routing.observe(node_id, address, trio.current_time(), cert=cert, answered=answered)
         if result.outcome is ObserveOutcome.ADDED:
             self._neighbourhood_changed = True
         elif result.outcome is ObserveOutcome.CACHED and result.ping_candidate is not None:
@@ -695,8 +695,7 @@ class DhtNode:
         node_id = self.certs.verify(cert, address.host, address.port, self.env.wall_time())
         if expected is not None and node_id != expected:
             raise ProtocolError(f"{address} answered for node {node_id!r}, not {expected!r}")
-        self._observe(node_id, address, cert)
-        self.routing.request_succeeded(node_id, trio.current_time(), address)
+        self._observe(node_id, address, cert, answered=True)
         return node_id
 
     def _failed(self, expected: NodeId | None, address: Address) -> None:
