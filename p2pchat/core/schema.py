@@ -233,6 +233,12 @@ class Bytes(Spec):
             raise ProtocolError(f"{len(value)} bytes, expected {self.min_len}..{self.max_len}")
         return value
 
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is bytes of an allowed length; :class:`ValueError` otherwise."""
+        if type(value) is bytes and self.min_len <= len(value) <= self.max_len:
+            return value
+        return _to_value_error(self.check, value)
+
     @property
     def max_wire_size(self) -> int:
         """Header plus ``max_len`` bytes."""
@@ -298,6 +304,12 @@ class Int(Spec):
             raise ProtocolError(f"{value} is outside {self.min_value}..{self.max_value}")
         return value
 
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is an int (not a bool) within the bounds; :class:`ValueError` otherwise."""
+        if type(value) is int and self.min_value <= value <= self.max_value:
+            return value
+        return _to_value_error(self.check, value)
+
     @property
     def max_wire_size(self) -> int:
         """The larger encoding of the two bounds (msgpack uses the smallest form that fits)."""
@@ -317,6 +329,12 @@ class Bool(Spec):
         if type(value) is not bool:
             raise ProtocolError(f"expected bool, got {_type_name(value)}")
         return value
+
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is a bool; :class:`ValueError` otherwise."""
+        if type(value) is bool:
+            return value
+        return _to_value_error(self.check, value)
 
     @property
     def max_wire_size(self) -> int:
@@ -823,13 +841,18 @@ def _encode(obj: WireStruct) -> list[object]:
     schema = type(obj).__wire_schema__
     if schema.cls is not type(obj):
         raise TypeError(f"{type(obj).__name__} is not a schema class itself (only a subclass of one)")
+    try:
+        return [encode(value) for encode, value in zip(schema.encoders, schema.values(obj), strict=True)]
+    except ValueError:
+        pass
+    # Slow path, only on failure: find the failing field so the message names it.
     wire: list[object] = []
     for field, encode, value in zip(schema.names, schema.encoders, schema.values(obj), strict=True):
         try:
             wire.append(encode(value))
         except ValueError as exc:
             raise _encode_step(f".{field}", exc) from None
-    return wire
+    raise AssertionError("unreachable: a pure check cannot fail once and then pass")  # pragma: no cover
 
 
 def from_wire(cls: type[_S], wire: object) -> _S:
