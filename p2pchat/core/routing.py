@@ -501,16 +501,17 @@ class RoutingTable:
         # next group's.  Groups are merged until they hold enough contacts, then sorted once.
         order = [last] if p >= last else [*range(p, last + 1)]
         order.extend(range(min(p, last) - 1, -1, -1))
+        final = len(order) - 1
+        group_end = last - p  # positions 1..group_end are the deeper buckets: one group, never split
         result: list[Contact] = []
+        need = count
         taken: list[Bucket] = []
         held = 0
         for position, index in enumerate(order):
             bucket = buckets[index]
             taken.append(bucket)
             held += len(bucket._contacts)
-            # The deeper buckets after the target's own form one group: never sort part of it alone.
-            inside_group = 0 < position < last - p
-            if (held < count - len(result) or inside_group) and position < len(order) - 1:
+            if (held < need or 0 < position < group_end) and position < final:
                 continue
             # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
             # (so are ids), so a contact is never compared.
@@ -519,8 +520,9 @@ class RoutingTable:
             else:
                 ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
             ranked.sort()
-            result.extend([c for _, c in ranked[: count - len(result)]])
-            if len(result) >= count:
+            result.extend([c for _, c in ranked[:need]])
+            need = count - len(result)
+            if need <= 0:
                 break
             taken = []
             held = 0
