@@ -162,6 +162,30 @@ async def test_callback_requests_and_the_bounded_deadline_heap(autojump_clock: t
             nursery.cancel_scope.cancel()
 
 
+async def test_requests_pending_when_the_transport_stops_are_settled(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(7) as net:
+        a = await _transport(net, 1)
+        silent = Address("10.9.9.9", 4000)
+        outcomes: list[Packet | None] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            a.send_request(Ping(a.new_txid(), None), silent, outcomes.append, timeout=100)
+
+            async def waiter() -> None:
+                with pytest.raises(RequestTimeoutError):
+                    await a.request(Ping(a.new_txid(), None), silent, timeout=100)
+                outcomes.append(None)
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await a.endpoint.aclose()  # the receive loop ends: no reply can come any more
+        assert outcomes == [None, None]  # both settled at once, not after their 100 s
+        assert trio.current_time() < 1
+        assert a.pending_count() == 0
+        with pytest.raises(trio.ClosedResourceError):
+            a.send_request(Ping(a.new_txid(), None), silent, outcomes.append)
+
+
 def test_rtt_estimator_follows_rfc6298() -> None:
     estimator = RttEstimator()
     assert estimator.rto() == INITIAL_RTO

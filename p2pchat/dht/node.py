@@ -238,7 +238,7 @@ class _LookupRun:
     is done.  (An object rather than closures: closures that call each other form a reference cycle, which only
     the garbage collector frees.)"""
 
-    __slots__ = ("_in_flight", "_lookup", "_node", "_on_answer", "_reply_type", "_request_for", "finished")
+    __slots__ = ("_in_flight", "_lookup", "_node", "_on_answer", "_reply_type", "_request_for", "closed", "finished")
 
     def __init__(
         self,
@@ -255,9 +255,11 @@ class _LookupRun:
         self._on_answer = on_answer
         self._in_flight: dict[NodeId, PendingKey] = {}
         self.finished = trio.Event()
+        self.closed = False
 
     def ask_more(self) -> None:
-        """Send what the lookup wants asked now; set ``finished`` if it is done."""
+        """Send what the lookup wants asked now; set ``finished`` if it is done (or the transport has stopped:
+        then ``closed`` is set)."""
         lookup = self._lookup
         transport = self._node.transport
         again = True
@@ -274,6 +276,11 @@ class _LookupRun:
                     log.debug("lookup request to %s failed: %s", candidate.address, exc)
                     lookup.on_failure(candidate.node_id)
                     again = True
+                except trio.ClosedResourceError:
+                    # Raised to the caller by _iterate (a callback, which may run as the transport stops, must not).
+                    self.closed = True
+                    lookup.on_failure(candidate.node_id)
+                    lookup.finish()
         if lookup.done:
             self.finished.set()
 
@@ -313,7 +320,18 @@ class _StoreTransfer:
     whole blob stored.
     """
 
-    __slots__ = ("_address", "_complete", "_done", "_failed", "_keys", "_next", "_parts", "_request", "_transport")
+    __slots__ = (
+        "_address",
+        "_complete",
+        "_done",
+        "_failed",
+        "_keys",
+        "_next",
+        "_parts",
+        "_request",
+        "_transport",
+        "closed",
+    )
 
     def __init__(
         self,
@@ -335,6 +353,8 @@ class _StoreTransfer:
         self._next = 0
         self._complete = False
         self._failed = False
+        self.closed = False
+        """The transport stopped under it (the caller raises trio.ClosedResourceError)."""
 
     def start(self) -> None:
         """Send the first window of parts."""
@@ -364,6 +384,8 @@ class _StoreTransfer:
             )
         except P2PChatError:
             self._failed = True
+        except trio.ClosedResourceError:
+            self._failed = self.closed = True
 
     def _answered(self, index: int, attempt: int, reply: Packet | None) -> None:
         del self._keys[index]
@@ -756,6 +778,8 @@ class DhtNode:
             await run.finished.wait()
         finally:
             run.cancel()
+        if run.closed:
+            raise trio.ClosedResourceError("the DHT node's transport has stopped")
         return lookup
 
     async def find_node(self, target: NodeId) -> LookupResult:
@@ -903,6 +927,8 @@ class DhtNode:
         finally:
             for transfer in transfers:
                 transfer.cancel()
+        if any(transfer.closed for transfer in transfers):
+            raise trio.ClosedResourceError("the DHT node's transport has stopped")
         return stored
 
     def _among_closest(self, key: NodeId, others: list[Candidate]) -> bool:

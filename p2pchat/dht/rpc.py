@@ -125,6 +125,7 @@ class RpcTransport:
         self._deadlines: list[tuple[float, int, PendingKey, _Pending]] = []
         self._sequence = itertools.count()
         self._timer: trio.CancelScope | None = None
+        self._stopped = False
 
     @property
     def local_address(self) -> Address:
@@ -149,6 +150,8 @@ class RpcTransport:
         :meth:`cancel` withdraws the request.  Raises :class:`TooManyRequestsError` when
         :data:`MAX_PENDING_REQUESTS` are waiting.
         """
+        if self._stopped:
+            raise trio.ClosedResourceError("the transport has stopped: no reply could be received")
         txid: bytes = packet.txid  # type: ignore[attr-defined]
         key = (txid, destination)
         pending_requests = self._pending
@@ -201,19 +204,40 @@ class RpcTransport:
         return reply
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The receive loop and the timeout timer; runs until cancelled or the endpoint is closed."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._expire_loop)
-            task_status.started()
-            endpoint = self.endpoint
-            while True:
-                try:
-                    batch = await endpoint.receive_batch()
-                except trio.ClosedResourceError:
-                    break
-                for data, source in batch:
-                    self._on_datagram(data, source)
-            nursery.cancel_scope.cancel()
+        """The receive loop and the timeout timer; runs until cancelled or the endpoint is closed.
+
+        When it ends, every request still pending is settled as timed out (no reply can come any more), and later
+        requests raise :class:`trio.ClosedResourceError`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_loop)
+                task_status.started()
+                endpoint = self.endpoint
+                while True:
+                    try:
+                        batch = await endpoint.receive_batch()
+                    except trio.ClosedResourceError:
+                        break
+                    for data, source in batch:
+                        self._on_datagram(data, source)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._timer = None
+        settled = list(self._pending.values())
+        self._pending.clear()
+        self._deadlines.clear()
+        for pending in settled:
+            callback = pending.callback
+            pending.callback = _settled
+            try:
+                callback(None)
+            except Exception:  # a waiter's own bug must not hide the others' wake-ups, nor why the loop ended
+                log.exception("a reply callback failed while the transport stopped")
 
     async def _expire_loop(self) -> None:
         # One task sleeps until the earliest deadline; send_request moves that deadline earlier when it must.
@@ -221,10 +245,12 @@ class RpcTransport:
         pending_requests = self._pending
         stats = self.stats
         while True:
-            with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
-                self._timer = timer
-                await trio.sleep_forever()
-            self._timer = None
+            try:
+                with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
+                    self._timer = timer
+                    await trio.sleep_forever()
+            finally:
+                self._timer = None
             now = trio.current_time()
             while deadlines and deadlines[0][0] <= now:
                 _, _, key, pending = heapq.heappop(deadlines)
