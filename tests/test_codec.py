@@ -1089,6 +1089,12 @@ def test_memoised_structs_stay_strict_and_bounded() -> None:
     for port in range(1, STRUCT_MEMO_SIZE + 100):
         Struct(NodeInfo).check([NODE_ID, bytes([127, 0, 0, 1]), port])
     assert len(memo) == STRUCT_MEMO_SIZE
-    encoded = Struct(NodeInfo).to_wire(first)
-    assert Struct(NodeInfo).to_wire(NodeInfo(NODE_ID, "127.0.0.1", 80)) is encoded
-    assert len(NodeInfo.__dict__["__wire_encode_memo__"]) <= STRUCT_MEMO_SIZE
+    info = NodeInfo(NODE_ID, "127.0.0.1", 80)
+    encoded = Struct(NodeInfo).to_wire(info)
+    assert Struct(NodeInfo).to_wire(info) is encoded  # kept in the object itself
+    assert Struct(NodeInfo).to_wire(NodeInfo(NODE_ID, "127.0.0.1", 80)) == encoded
+    assert info == NodeInfo(NODE_ID, "127.0.0.1", 80)  # the kept form is not a field: equality ignores it
+    with pytest.raises(ValueError, match="expected NodeInfo"):
+        Struct(NodeInfo).to_wire(CERT)
+    with pytest.raises(ValueError, match="port"):  # an invalid object is refused, and nothing is kept
+        Struct(NodeInfo).to_wire(NodeInfo(NODE_ID, "127.0.0.1", 0))

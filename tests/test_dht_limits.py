@@ -23,8 +23,15 @@ from p2pchat.core.records import (
     sign_record,
 )
 from p2pchat.core.schema import Packet
-from p2pchat.dht.node import MAX_MAILBOX_PAGES, MAX_PUBLISHED, MAX_RECENT_STORES, DhtNode
+from p2pchat.dht.node import (
+    MAX_MAILBOX_PAGES,
+    MAX_PUBLISHED,
+    MAX_RECENT_STORES,
+    SERVED_KEYS_REMEMBERED,
+    DhtNode,
+)
 from p2pchat.dht.rpc import RpcTransport
+from p2pchat.dht.store import Space
 from p2pchat.env import Env
 from p2pchat.net.base import Address
 from p2pchat.net.sim import LinkModel, Uniform, open_sim_network
@@ -62,6 +69,36 @@ async def test_remembered_store_transfers_are_bounded(autojump_clock: trio.testi
             reply = await me.request(Store(me.new_txid(), key.bytes, 1, found.token, part), target.address)
             assert isinstance(reply, Stored) and reply.complete
         assert len(target._recent_stores) == MAX_RECENT_STORES
+        nursery.cancel_scope.cancel()
+
+
+async def test_contacts_remembered_for_stores_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(33, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 6, seed=33)
+        target = nodes[0]
+        host = net.add_host()
+        endpoint = await host.open_datagram(host.address, 5000)
+        me = RpcTransport(Env.simulated(host, 1), endpoint, lambda p, s: None, reply_types=(Found, Stored))
+        await nursery.start(me.run)
+        rng = random.Random(3)
+        owners = [Identity.generate(rng.randbytes) for _ in range(SERVED_KEYS_REMEMBERED + 5)]
+        tokens = {}
+        for owner in owners:
+            key = record_key(RecordKind.PEER, owner.public.key)
+            found = await me.request(FindValue(me.new_txid(), None, key.bytes, 1), target.address)
+            assert isinstance(found, Found)
+            tokens[key] = found.token
+        assert len(target._served) == SERVED_KEYS_REMEMBERED
+        # A store under a key answered long ago (forgotten) and under a recent one: both mark the closest nodes
+        # as holders, for hand-over.
+        for transfer, owner in enumerate((owners[0], owners[-1])):
+            key = record_key(RecordKind.PEER, owner.public.key)
+            blob = encode_record(sign_record(owner, RecordKind.PEER, 1, int(target.env.wall_time()) + 3600, b"v"))
+            (part,) = make_parts(blob, transfer.to_bytes(8, "big"))
+            reply = await me.request(Store(me.new_txid(), key.bytes, 1, tokens[key], part), target.address)
+            assert isinstance(reply, Stored) and reply.complete
+            held = target._handed[(Space.RECORD, key)]
+            assert held == {c.node_id for c in target.routing.closest(key, target.k)}
         nursery.cancel_scope.cancel()
 
 

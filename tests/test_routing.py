@@ -244,6 +244,34 @@ def test_a_successful_ping_keeps_the_candidate_and_the_newcomer_waits_in_the_cac
     assert another.ping_candidate.node_id == ids[1]
 
 
+def test_observing_an_answer_is_observe_then_request_succeeded() -> None:
+    rng = random.Random(16)
+    twins = [RoutingTable(OWN), RoutingTable(OWN)]
+    for table in twins:
+        full_far_bucket(random.Random(17), table)
+    newcomer = far_ids(rng, 1)[0]
+    candidates = [table.observe(newcomer, public(100), LATER).ping_candidate for table in twins]
+    assert all(c is not None for c in candidates)
+    failing = twins[0].closest(far_ids(rng, 1)[0], 1)[0].node_id
+    for table in twins:
+        table.request_failed(failing, LATER)
+    # The ping candidate answers, and so does the failing contact; a third, failing too, answers from a new
+    # address (which it may move to, having failed at the old one).
+    answers = [(candidates[0].node_id, candidates[0].address), (failing, twins[0].get(failing).address)]  # type: ignore[union-attr]
+    stranger = twins[0].closest(far_ids(rng, 1)[0], 3)[-1].node_id
+    twins[0].request_failed(stranger, LATER)
+    twins[1].request_failed(stranger, LATER)
+    answers.append((stranger, public(999)))
+    for node_id, address in answers:
+        twins[0].observe(node_id, address, LATER + 1)
+        twins[0].request_succeeded(node_id, LATER + 1, address)
+        twins[1].observe(node_id, address, LATER + 1, answered=True)
+    for a, b in zip(twins[0], twins[1], strict=True):
+        assert (a.node_id, a.address, a.failures, a.last_seen) == (b.node_id, b.address, b.failures, b.last_seen)
+    for a, b in zip(twins[0].buckets, twins[1].buckets, strict=True):
+        assert (a._pinging is None) == (b._pinging is None)
+
+
 def test_only_one_ping_per_bucket_is_outstanding_until_it_times_out() -> None:
     rng = random.Random(7)
     table = RoutingTable(OWN)

@@ -12,7 +12,13 @@ from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
 from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, RttEstimator, TimeoutPolicy
 from p2pchat.core.schema import Packet
-from p2pchat.dht.rpc import MAX_PENDING_REQUESTS, RequestTimeoutError, RpcTransport, TooManyRequestsError
+from p2pchat.dht.rpc import (
+    MAX_PENDING_REQUESTS,
+    MAX_SETTLED_DEADLINES,
+    RequestTimeoutError,
+    RpcTransport,
+    TooManyRequestsError,
+)
 from p2pchat.env import Env
 from p2pchat.errors import ProtocolError
 from p2pchat.net import Address
@@ -123,6 +129,61 @@ async def test_pending_request_limit(autojump_clock: trio.testing.MockClock) -> 
             with pytest.raises(TooManyRequestsError):
                 await a.request(Ping(a.new_txid(), None), silent)
             nursery.cancel_scope.cancel()
+
+
+async def test_callback_requests_and_the_bounded_deadline_heap(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(6, default_link=LinkModel(latency=Constant(0.010)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        silent = Address("10.9.9.9", 4000)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            outcomes: list[str] = []
+
+            def record(reply: Packet | None) -> None:
+                outcomes.append("timeout" if reply is None else type(reply).__name__)
+
+            a.send_request(Ping(a.new_txid(), None), silent, record, timeout=0.5)
+            withdrawn = a.send_request(Ping(a.new_txid(), None), b.local_address, record)
+            a.cancel(withdrawn)  # its reply comes back unsolicited, and nothing is reported
+            answered = 3 * MAX_SETTLED_DEADLINES
+            for _ in range(answered):
+                a.send_request(Ping(a.new_txid(), None), b.local_address, record)
+            await trio.sleep(0.1)
+            assert outcomes == ["Pong"] * answered
+            assert a.stats.dropped_unsolicited == 1
+            # Answered requests leave their deadlines behind, but never more than the bound.
+            assert a.deadlines_held() <= 2 * a.pending_count() + MAX_SETTLED_DEADLINES + 1
+            await trio.sleep(1)
+            assert outcomes[-1] == "timeout"
+            assert a.stats.timeouts == 1
+            assert a.pending_count() == 0
+            assert a.deadlines_held() == 0  # the timer swept the rest when it fired
+            nursery.cancel_scope.cancel()
+
+
+async def test_requests_pending_when_the_transport_stops_are_settled(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_sim_network(7) as net:
+        a = await _transport(net, 1)
+        silent = Address("10.9.9.9", 4000)
+        outcomes: list[Packet | None] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            a.send_request(Ping(a.new_txid(), None), silent, outcomes.append, timeout=100)
+
+            async def waiter() -> None:
+                with pytest.raises(RequestTimeoutError):
+                    await a.request(Ping(a.new_txid(), None), silent, timeout=100)
+                outcomes.append(None)
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await a.endpoint.aclose()  # the receive loop ends: no reply can come any more
+        assert outcomes == [None, None]  # both settled at once, not after their 100 s
+        assert trio.current_time() < 1
+        assert a.pending_count() == 0
+        with pytest.raises(trio.ClosedResourceError):
+            a.send_request(Ping(a.new_txid(), None), silent, outcomes.append)
 
 
 def test_rtt_estimator_follows_rfc6298() -> None:

@@ -8,6 +8,7 @@ The DHT shell drives a :class:`Lookup` like this::
             send find_node(target) to candidate.address
         ... wait for a reply or a timeout, then one of:
         lookup.on_reply(node_id, contacts)          # contacts: (NodeId, Address) pairs from the reply
+        lookup.on_wire_reply(node_id, infos)        # or: the reply's contacts as decoded (see WireContact)
         lookup.on_value(node_id, contacts)          # the node also holds a value for the target
         lookup.on_failure(node_id)                  # timeout, garbage, wrong identity
     closest = lookup.result()                        # the k closest nodes that answered, closest first
@@ -27,7 +28,7 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -49,6 +50,7 @@ __all__ = [
     "ContactLike",
     "DisjointLookup",
     "Lookup",
+    "WireContact",
 ]
 
 ALPHA: Final = 3
@@ -77,6 +79,22 @@ class ContactLike(Protocol):
     @property
     def address(self) -> Address:
         """Where the node answers."""
+
+
+class WireContact(Protocol):
+    """A contact as a reply carries it (:class:`~p2pchat.core.packets.NodeInfo`): raw id bytes, host and port."""
+
+    @property
+    def node_id(self) -> bytes:
+        """The node's id, :data:`~p2pchat.core.ids.NODE_ID_BYTES` bytes."""
+
+    @property
+    def host(self) -> str:
+        """The node's IP literal."""
+
+    @property
+    def port(self) -> int:
+        """The node's port."""
 
 
 class CandidateState(enum.Enum):
@@ -140,13 +158,16 @@ class Lookup:
     strict alpha (for comparison).
 
     ``rpcs`` counts the requests handed out so far; ``value_found`` says whether some node answered with a value.
+    ``make_address`` builds an address from a host and a port, for :meth:`on_wire_reply`.
     """
 
     __slots__ = (
         "_by_id",
         "_finished",
         "_in_flight",
+        "_make_address",
         "_own",
+        "_own_bytes",
         "_sorted",
         "_target",
         "alpha",
@@ -170,6 +191,7 @@ class Lookup:
         own_id: NodeId | None = None,
         stop_at_first_value: bool = False,
         final_round: bool = True,
+        make_address: Callable[[str, int], Address] | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -187,7 +209,10 @@ class Lookup:
         """Whether the lookup has converged and now asks the k closest at once (see :meth:`_converged`)."""
         self._target = target.int
         self._own = own_id.int if own_id is not None else -1
-        self._by_id: dict[NodeId, Candidate] = {}
+        self._own_bytes = own_id.bytes if own_id is not None else b""
+        self._make_address = make_address
+        # Keyed by the id's bytes, which replies carry: a contact named again is found without building a NodeId.
+        self._by_id: dict[bytes, Candidate] = {}
         self._sorted: list[Candidate] = []  # by distance to the target, closest first
         self._in_flight = 0
         self._finished = False
@@ -301,9 +326,41 @@ class Lookup:
 
         Returns ``False`` (and changes nothing) unless the node was asked and is still in flight.
         """
-        c = self._by_id.get(node_id)
-        if c is None or c.state is not _IN_FLIGHT:
+        c = self._answered(node_id, has_value)
+        if c is None:
             return False
+        depth = c.depth + 1
+        for contact_id, address in itertools.islice(contacts, MAX_CONTACTS_PER_REPLY):
+            self._learn(contact_id, address, depth)
+        return True
+
+    def on_wire_reply(self, node_id: NodeId, contacts: Sequence[WireContact], *, has_value: bool = False) -> bool:
+        """:meth:`on_reply` for contacts as a reply carries them; needs ``make_address``.  Cheaper: a contact the
+        lookup knows already costs one dictionary look-up."""
+        make_address = self._make_address
+        if make_address is None:
+            raise TypeError("on_wire_reply needs a Lookup built with make_address")
+        c = self._answered(node_id, has_value)
+        if c is None:
+            return False
+        depth = c.depth + 1
+        by_id = self._by_id
+        for info in contacts[:MAX_CONTACTS_PER_REPLY]:
+            raw = info.node_id
+            known = by_id.get(raw)
+            if known is None:
+                if raw != self._own_bytes:
+                    self._learn_new(NodeId(raw), raw, make_address(info.host, info.port), depth)
+            else:
+                known.depth = min(known.depth, depth)
+                if known.state is _FAILED and known.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
+                    self._retry_at(known, make_address(info.host, info.port))
+        return True
+
+    def _answered(self, node_id: NodeId, has_value: bool) -> Candidate | None:
+        c = self._by_id.get(node_id.bytes)
+        if c is None or c.state is not _IN_FLIGHT:
+            return None
         c.state = _ANSWERED
         self._in_flight -= 1
         if has_value:
@@ -311,10 +368,7 @@ class Lookup:
             self.value_found = True
             if self.stop_at_first_value:
                 self._finished = True
-        depth = c.depth + 1
-        for contact_id, address in itertools.islice(contacts, MAX_CONTACTS_PER_REPLY):
-            self._learn(contact_id, address, depth)
-        return True
+        return c
 
     def on_value(self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = ()) -> bool:
         """Take a reply from *node_id* that carried a value for the target (and maybe contacts)."""
@@ -322,7 +376,7 @@ class Lookup:
 
     def on_failure(self, node_id: NodeId) -> bool:
         """Record that *node_id* timed out or answered garbage; returns ``False`` if it was not in flight."""
-        c = self._by_id.get(node_id)
+        c = self._by_id.get(node_id.bytes)
         if c is None or c.state is not _IN_FLIGHT:
             return False
         c.state = _FAILED
@@ -346,33 +400,41 @@ class Lookup:
         return False
 
     def _learn(self, node_id: NodeId, address: Address, depth: int) -> None:
-        key = node_id.int
-        if key == self._own:
+        if node_id.int == self._own:
             return
-        c = self._by_id.get(node_id)
+        raw = node_id.bytes
+        c = self._by_id.get(raw)
         if c is not None:
             c.depth = min(c.depth, depth)
-            if c.state is _FAILED and address != c.address and c.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
-                # Someone may have handed us a false address for a real node; give the other one a chance.
-                c.address = address
-                c.addresses_tried += 1
-                c.state = _UNASKED
+            if c.state is _FAILED and c.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
+                self._retry_at(c, address)
             return
-        distance = key ^ self._target
+        self._learn_new(node_id, raw, address, depth)
+
+    @staticmethod
+    def _retry_at(c: Candidate, address: Address) -> None:
+        if address != c.address:
+            # Someone may have handed us a false address for a real node; give the other one a chance.
+            c.address = address
+            c.addresses_tried += 1
+            c.state = _UNASKED
+
+    def _learn_new(self, node_id: NodeId, raw: bytes, address: Address, depth: int) -> None:
+        distance = node_id.int ^ self._target
         ranked = self._sorted
         if len(ranked) >= self.max_candidates and distance >= ranked[-1].distance:
             return
         if self._rejects(node_id):
             return
         c = Candidate(node_id, address, distance, depth)
-        self._by_id[node_id] = c
+        self._by_id[raw] = c
         bisect.insort(ranked, c, key=_by_distance)
         if len(ranked) > self.max_candidates:
             # Drop the farthest candidate not in flight (one always exists: alpha <= max_candidates), so a reply
             # for a request we sent is never lost.
             for i in range(len(ranked) - 1, -1, -1):
                 if ranked[i].state is not _IN_FLIGHT:
-                    del self._by_id[ranked.pop(i).node_id]
+                    del self._by_id[ranked.pop(i).node_id.bytes]
                     break
 
 

@@ -12,7 +12,7 @@ The signed message is canonical bytes built here (never a re-encoded msgpack), w
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from typing import Annotated, Final
 
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.ids import NodeId, node_id_for_key
-from p2pchat.core.schema import Bytes, Int, IpAddress, WireStruct, wire_struct
+from p2pchat.core.schema import IP_CACHE_SIZE, Bytes, Int, IpAddress, WireStruct, wire_struct
 from p2pchat.errors import ProtocolError
 
 __all__ = [
@@ -46,6 +46,7 @@ CERT_CACHE_SIZE: Final = 4096
 """Verified certificates remembered per cache (least recently used ones are forgotten and re-verified)."""
 
 _DOMAIN: Final = b"p2pchat-nodecert-v1\x00"
+_IPV4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
 _MAX_TIME: Final = 2**48
 
 
@@ -70,11 +71,16 @@ class NodeCert(WireStruct):
         return _message(self.key, self.host, self.port, self.issued_at)
 
 
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def _mapped_ip(host: str) -> bytes:
+    # IPv4 is written as IPv4-mapped IPv6 so every message has the same layout.  Cached: each new certificate
+    # from a known address would otherwise parse it again.
+    packed = ipaddress.ip_address(host).packed
+    return packed if len(packed) == 16 else _IPV4_MAPPED_PREFIX + packed
+
+
 def _message(key: bytes, host: str, port: int, issued_at: int) -> bytes:
-    # IPv4 is written as IPv4-mapped IPv6 so every message has the same layout.
-    ip = ipaddress.ip_address(host)
-    packed = ip.packed if ip.version == 6 else ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed).packed
-    return _DOMAIN + key + packed + port.to_bytes(2, "big") + issued_at.to_bytes(8, "big")
+    return _DOMAIN + key + _mapped_ip(host) + port.to_bytes(2, "big") + issued_at.to_bytes(8, "big")
 
 
 def issue_cert(identity: Identity, host: str, port: int, issued_at: int) -> NodeCert:
@@ -94,7 +100,8 @@ class CertCache:
     __slots__ = ("_verified", "verifications")
 
     def __init__(self) -> None:
-        self._verified: OrderedDict[bytes, NodeId] = OrderedDict()
+        # Keyed by the signature, with the certificate kept to compare whole: the verdict covers every field.
+        self._verified: OrderedDict[bytes, tuple[NodeCert, NodeId]] = OrderedDict()
         self.verifications = 0
 
     def __len__(self) -> int:
@@ -115,21 +122,18 @@ class CertCache:
             raise ProtocolError("node certificate is issued in the future")
         if cert.issued_at + CERT_LIFETIME < now:
             raise ProtocolError("node certificate has expired")
-        # The cache key covers every field (a cheap hash of their raw forms, not the canonical signed bytes, which
-        # cost an address parse on every datagram); any change to a field is a different key, verified afresh.
-        digest = hashlib.blake2b(
-            b"%s|%d|%d|%s|%s" % (cert.host.encode(), cert.port, cert.issued_at, cert.key, cert.signature),
-            digest_size=16,
-        ).digest()
-        node_id = self._verified.get(digest)
-        if node_id is not None:
-            self._verified.move_to_end(digest)
-            return node_id
+        # A hit must be the very certificate verified (decoding memoises certificates, so usually the same object;
+        # otherwise every field is compared): a certificate that differs in any field is verified afresh.
+        signature = cert.signature
+        hit = self._verified.get(signature)
+        if hit is not None and (hit[0] is cert or hit[0] == cert):
+            self._verified.move_to_end(signature)
+            return hit[1]
         self.verifications += 1
-        if not PublicIdentity(cert.key).verify(cert.signed_bytes(), cert.signature):
+        if not PublicIdentity(cert.key).verify(cert.signed_bytes(), signature):
             raise ProtocolError("node certificate signature does not verify")
         node_id = cert.node_id
-        self._verified[digest] = node_id
+        self._verified[signature] = (cert, node_id)
         if len(self._verified) > CERT_CACHE_SIZE:
             self._verified.popitem(last=False)
         return node_id

@@ -30,7 +30,6 @@ Time is the caller's ``now`` (any monotonic float) and randomness the caller's :
 from __future__ import annotations
 
 import enum
-import heapq
 import ipaddress
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -141,10 +140,12 @@ class Contact:
     """A node in the routing table: its id, the address it answers on, and how it has been answering.
 
     The table owns and mutates contacts; callers read them.  ``cert`` is whatever proof of identity the DHT
-    attached (its verified node certificate); the table stores it and never looks inside.
+    attached (its verified node certificate); the table stores it and never looks inside.  ``wire`` is the DHT's
+    cached wire form of the contact (id and address, as replies carry it); the table clears it whenever the
+    address changes.
     """
 
-    __slots__ = ("_key", "address", "cert", "failures", "last_seen", "node_id")
+    __slots__ = ("_key", "address", "cert", "failures", "last_seen", "node_id", "wire")
 
     def __init__(
         self, node_id: NodeId, address: Address, last_seen: float, failures: int = 0, cert: object | None = None
@@ -155,6 +156,7 @@ class Contact:
         self.last_seen = last_seen
         self.failures = failures
         self.cert = cert
+        self.wire: object | None = None
 
     @property
     def is_bad(self) -> bool:
@@ -327,11 +329,15 @@ class RoutingTable:
 
     # --- what happened -----------------------------------------------------------------------------------------
 
-    def observe(self, node_id: NodeId, address: Address, now: float, cert: object | None = None) -> ObserveResult:
+    def observe(
+        self, node_id: NodeId, address: Address, now: float, cert: object | None = None, *, answered: bool = False
+    ) -> ObserveResult:
         """Record that a node whose identity the caller verified just sent us something from *address*.
 
         *cert*, when given, replaces the stored certificate (``None`` keeps the old one, except when the address
         changes, since a certificate binds an address).  See :class:`ObserveOutcome` for the answers.
+        ``answered=True`` says it was the reply to a request sent to *address*: the same as calling
+        :meth:`request_succeeded` afterwards, in one pass over the bucket.
         """
         key = node_id.int
         if key == self._own:
@@ -340,7 +346,13 @@ class RoutingTable:
         contacts = bucket._contacts
         i = _find(contacts, key)
         if i >= 0:
-            return self._update(bucket, i, address, now, cert)
+            result = self._update(bucket, i, address, now, cert)
+            contact = result.contact
+            if answered and contact is not None and contact.address == address:
+                contact.failures = 0
+                if bucket._pinging is contact:
+                    bucket._pinging = None
+            return result
 
         # A newcomer -- or a replacement-cache entry heard from again, which is handled as a newcomer that keeps
         # its certificate.
@@ -485,26 +497,35 @@ class RoutingTable:
         # bit than any contact elsewhere, so buckets can be taken whole in a fixed order: the target's own bucket,
         # then (if that is not the last) everything deeper as one group, then the shallower buckets, nearest first.
         p = NODE_ID_BITS - (t ^ self._own).bit_length()
-        groups: list[list[Bucket]] = [[buckets[last]]] if p >= last else [[buckets[p]], buckets[p + 1 :]]
-        groups.extend([buckets[i]] for i in range(min(p, last) - 1, -1, -1))
-
-        def distance(contact: Contact) -> int:
-            return contact._key ^ t
-
+        # Buckets in order of distance from the target, as groups: each group's contacts are all closer than the
+        # next group's.  Groups are merged until they hold enough contacts, then sorted once.
+        order = [last] if p >= last else [*range(p, last + 1)]
+        order.extend(range(min(p, last) - 1, -1, -1))
+        final = len(order) - 1
+        group_end = last - p  # positions 1..group_end are the deeper buckets: one group, never split
         result: list[Contact] = []
-        for group in groups:
-            need = count - len(result)
+        need = count
+        taken: list[Bucket] = []
+        held = 0
+        for position, index in enumerate(order):
+            bucket = buckets[index]
+            taken.append(bucket)
+            held += len(bucket._contacts)
+            if (held < need or 0 < position < group_end) and position < final:
+                continue
+            # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
+            # (so are ids), so a contact is never compared.
             if exclude_failing:
-                members = [c for b in group for c in b._contacts if c.failures < MAX_FAILURES]
+                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
             else:
-                members = [c for b in group for c in b._contacts]
-            if len(members) <= need:
-                members.sort(key=distance)
-                result.extend(members)
-            else:
-                result.extend(heapq.nsmallest(need, members, key=distance))
-            if len(result) >= count:
+                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
+            ranked.sort()
+            result.extend([c for _, c in ranked[:need]])
+            need = count - len(result)
+            if need <= 0:
                 break
+            taken = []
+            held = 0
         return result
 
     def stale_buckets(self, now: float, rng: random.Random) -> list[NodeId]:
@@ -541,6 +562,7 @@ class RoutingTable:
                 if self._subnet_count(others, limited) >= self._subnet_cap():
                     return _REJECTED_SUBNET
             contact.address = address
+            contact.wire = None
             contact.cert = cert
             contact.failures = 0  # those failures were the old address's
             outcome = ObserveOutcome.ADDRESS_CHANGED

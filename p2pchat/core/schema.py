@@ -90,13 +90,11 @@ MAX_PACKET_KIND: Final = 255
 """Largest packet kind: the kind travels in one header byte."""
 
 STRUCT_MEMO_SIZE: Final = 4096
-"""Entries kept per memoised struct class (see :func:`wire_struct`'s ``memo``), each way.
+"""Decoded values kept per memoised struct class (see :func:`wire_struct`'s ``memo``).
 
-A node encodes and decodes the same contacts and certificates in reply after reply; a frozen struct's wire form
-and validation depend on nothing else, so both are kept.  The bound keeps a flood of distinct ones from growing
-memory: past it the oldest entries go."""
-
-_MEMO_KEY_TYPES: Final = frozenset({bytes, int, str})
+A node decodes the same contacts and certificates in reply after reply; a frozen struct's validation depends on
+nothing else, so the decoded object is kept by its wire form.  The bound keeps a flood of distinct ones from
+growing memory: past it the oldest entries go."""
 
 IP_CACHE_SIZE: Final = 4096
 """Entries kept by each IP-address conversion cache (packed <-> text).
@@ -235,6 +233,12 @@ class Bytes(Spec):
             raise ProtocolError(f"{len(value)} bytes, expected {self.min_len}..{self.max_len}")
         return value
 
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is bytes of an allowed length; :class:`ValueError` otherwise."""
+        if type(value) is bytes and self.min_len <= len(value) <= self.max_len:
+            return value
+        return _to_value_error(self.check, value)
+
     @property
     def max_wire_size(self) -> int:
         """Header plus ``max_len`` bytes."""
@@ -300,6 +304,12 @@ class Int(Spec):
             raise ProtocolError(f"{value} is outside {self.min_value}..{self.max_value}")
         return value
 
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is an int (not a bool) within the bounds; :class:`ValueError` otherwise."""
+        if type(value) is int and self.min_value <= value <= self.max_value:
+            return value
+        return _to_value_error(self.check, value)
+
     @property
     def max_wire_size(self) -> int:
         """The larger encoding of the two bounds (msgpack uses the smallest form that fits)."""
@@ -319,6 +329,12 @@ class Bool(Spec):
         if type(value) is not bool:
             raise ProtocolError(f"expected bool, got {_type_name(value)}")
         return value
+
+    def to_wire(self, value: object) -> object:
+        """Return *value* if it is a bool; :class:`ValueError` otherwise."""
+        if type(value) is bool:
+            return value
+        return _to_value_error(self.check, value)
 
     @property
     def max_wire_size(self) -> int:
@@ -469,9 +485,12 @@ class List(Spec):
         if type(value) is not list:
             raise ProtocolError(f"expected array, got {_type_name(value)}")
         self._check_length(len(value))
-        check = self.item.check
+        item = self.item
+        check = item.check
         try:
-            return tuple([check(item) for item in value])
+            if type(item) is Struct:
+                return item.check_all(value)
+            return tuple([check(one) for one in value])
         except ProtocolError:
             # Slow path, only on failure: find the item that failed so the message can name it.
             for index, item in enumerate(value):
@@ -486,7 +505,13 @@ class List(Spec):
         if type(value) is not tuple:
             raise ValueError(f"expected tuple, got {_type_name(value)}")
         _to_value_error(self._check_length, len(value))
-        encode = self.item.to_wire
+        item = self.item
+        if type(item) is Struct:
+            try:
+                return item.to_wire_all(value)
+            except ValueError:
+                pass  # the loop below names the item that failed
+        encode = item.to_wire
         wire: list[object] = []
         for index, item in enumerate(value):
             try:
@@ -522,36 +547,84 @@ class Struct(Spec):
 
     def check(self, value: object) -> WireStruct:
         """Return an instance of ``cls`` decoded from *value*."""
-        memo: dict[object, WireStruct] | None = self.cls.__dict__.get("__wire_decode_memo__")
+        cls = self.cls
+        memo: dict[tuple[object, ...], WireStruct] | None = cls.__dict__.get("__wire_decode_memo__")
         if memo is None or type(value) is not list:
-            return _decode(self.cls, value)
-        # Only exact bytes/int/str fields make a key: True == 1 and 1.0 == 1 as dict keys, and the strict decoder
-        # must still see (and refuse) a bool or float where an int belongs.
-        if any(type(item) not in _MEMO_KEY_TYPES for item in value):
-            return _decode(self.cls, value)
+            return _decode(cls, value)
         key = tuple(value)
-        hit = memo.get(key)
+        try:
+            hit = memo.get(key)
+        except TypeError:  # an unhashable item (an array or map): not a valid memoised struct anyway
+            return _decode(cls, value)
         if hit is None:
-            hit = _decode(self.cls, value)
+            hit = _decode(cls, value)
             if len(memo) >= STRUCT_MEMO_SIZE:
                 del memo[next(iter(memo))]
             memo[key] = hit
+            return hit
+        # A key equal to a valid one holds the same bytes and strs (they equal only their own type), but a bool or
+        # float equals an int (True == 1, 1.0 == 1): the strict decoder must still see, and refuse, those.
+        for index, kind in cls.__wire_exact_types__:  # type: ignore[attr-defined]
+            if type(key[index]) is not kind:
+                return _decode(cls, value)
         return hit
+
+    def check_all(self, values: list[object]) -> tuple[WireStruct, ...]:
+        """:meth:`check` for each of *values* (an array's items), with the memo's hits taken inline."""
+        cls = self.cls
+        memo: dict[tuple[object, ...], WireStruct] | None = cls.__dict__.get("__wire_decode_memo__")
+        if memo is None:
+            return tuple([self.check(value) for value in values])
+        exact: tuple[tuple[int, type], ...] = cls.__wire_exact_types__  # type: ignore[attr-defined]
+        out: list[WireStruct] = []
+        for value in values:
+            if type(value) is list:
+                key = tuple(value)
+                try:
+                    hit = memo.get(key)
+                except TypeError:
+                    hit = None
+                if hit is not None:
+                    for index, kind in exact:
+                        if type(key[index]) is not kind:
+                            break
+                    else:
+                        out.append(hit)
+                        continue
+            out.append(self.check(value))
+        return tuple(out)
+
+    def to_wire_all(self, values: tuple[object, ...]) -> list[object]:
+        """:meth:`to_wire` for each of *values*, with the memoised forms taken inline."""
+        cls = self.cls
+        if not cls.__wire_memo__:
+            return [self.to_wire(value) for value in values]
+        out: list[object] = []
+        for value in values:
+            if type(value) is cls:
+                try:
+                    out.append(value._wire_form)  # type: ignore[attr-defined]
+                    continue
+                except AttributeError:
+                    pass
+            out.append(self.to_wire(value))
+        return out
 
     def to_wire(self, value: object) -> list[object]:
         """Return the array form of *value*, which must be exactly a ``cls`` instance."""
-        if type(value) is not self.cls:
-            raise ValueError(f"expected {self.cls.__name__}, got {_type_name(value)}")
-        memo: dict[object, list[object]] | None = self.cls.__dict__.get("__wire_encode_memo__")
-        if memo is None:
+        cls = self.cls
+        if type(value) is not cls:
+            raise ValueError(f"expected {cls.__name__}, got {_type_name(value)}")
+        if not cls.__wire_memo__:
             return _encode(value)
-        hit = memo.get(value)
-        if hit is None:
-            hit = _encode(value)
-            if len(memo) >= STRUCT_MEMO_SIZE:
-                del memo[next(iter(memo))]
-            memo[value] = hit
-        return hit
+        # A memoised struct keeps its (checked) wire form in a slot of its own: the object is frozen, so the form
+        # cannot go stale, and a node sends the same contact and certificate objects in reply after reply.
+        try:
+            return value._wire_form  # type: ignore[attr-defined, no-any-return]
+        except AttributeError:
+            wire = _encode(value)
+            object.__setattr__(value, "_wire_form", wire)
+            return wire
 
     @property
     def max_wire_size(self) -> int:
@@ -569,9 +642,11 @@ class Struct(Spec):
 class WireStruct:
     """Base of every schema class.  Subclasses are frozen slotted dataclasses decorated with :func:`wire_struct`."""
 
-    __slots__ = ()
+    # Not a dataclass field: where a memoised struct keeps its wire form once encoded (see Struct.to_wire).
+    __slots__ = ("_wire_form",)
 
     __wire_schema__: ClassVar[Schema]
+    __wire_memo__: ClassVar[bool] = False
 
 
 class Packet(WireStruct):
@@ -653,19 +728,27 @@ def wire_struct(*, memo: bool) -> Callable[[type[_S]], type[_S]]: ...
 def wire_struct(cls: type[_S] | None = None, /, *, memo: bool = False) -> type[_S] | Callable[[type[_S]], type[_S]]:
     """Class decorator: compile the schema of a nested struct (a :class:`WireStruct` frozen slotted dataclass).
 
-    ``@wire_struct(memo=True)`` also memoises the struct's encodings and decodings when nested in another (up to
-    :data:`STRUCT_MEMO_SIZE` each way): for small structs that recur in traffic, such as contacts and node
-    certificates.  Their fields must be hashable (bytes, str, int).
+    ``@wire_struct(memo=True)`` also memoises the struct's encodings and decodings when nested in another: for
+    small structs that recur in traffic, such as contacts and node certificates.  Decodings are kept in a table of
+    up to :data:`STRUCT_MEMO_SIZE` wire forms; an encoding is kept in the (frozen) object itself.  Their fields
+    must be bytes, str or numbers.
 
     Raises :class:`TypeError` at import if the class is not a frozen slotted dataclass or a field lacks a spec
     or has a spec that does not match its type.
     """
 
     def decorate(cls: type[_S]) -> type[_S]:
-        cls.__wire_schema__ = _compile(cls)
+        schema = cls.__wire_schema__ = _compile(cls)
         if memo:
+            exact: list[tuple[int, type]] = []
+            for index, spec in enumerate(schema.specs):
+                if isinstance(spec, Int | Bool | Float):
+                    exact.append((index, {Int: int, Bool: bool, Float: float}[type(spec)]))
+                elif not isinstance(spec, Bytes | Str | IpAddress):
+                    raise TypeError(f"{cls.__name__}: a memoised struct has only bytes, str and number fields")
+            cls.__wire_exact_types__ = tuple(exact)  # type: ignore[attr-defined]
             cls.__wire_decode_memo__ = {}  # type: ignore[attr-defined]
-            cls.__wire_encode_memo__ = {}  # type: ignore[attr-defined]
+            cls.__wire_memo__ = True
         return cls
 
     return decorate if cls is None else decorate(cls)
@@ -758,13 +841,18 @@ def _encode(obj: WireStruct) -> list[object]:
     schema = type(obj).__wire_schema__
     if schema.cls is not type(obj):
         raise TypeError(f"{type(obj).__name__} is not a schema class itself (only a subclass of one)")
+    try:
+        return [encode(value) for encode, value in zip(schema.encoders, schema.values(obj), strict=True)]
+    except ValueError:
+        pass
+    # Slow path, only on failure: find the failing field so the message names it.
     wire: list[object] = []
     for field, encode, value in zip(schema.names, schema.encoders, schema.values(obj), strict=True):
         try:
             wire.append(encode(value))
         except ValueError as exc:
             raise _encode_step(f".{field}", exc) from None
-    return wire
+    raise AssertionError("unreachable: a pure check cannot fail once and then pass")  # pragma: no cover
 
 
 def from_wire(cls: type[_S], wire: object) -> _S:

@@ -13,6 +13,7 @@ however often tokens are asked for.  No per-peer state is kept: checking a token
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Final
 
 from p2pchat.core.ids import NodeId
+from p2pchat.core.schema import IP_CACHE_SIZE
 
 __all__ = ["TOKEN_BYTES", "TOKEN_ROTATION", "TOKEN_SECRET_BYTES", "WriteTokens"]
 
@@ -32,6 +34,12 @@ TOKEN_SECRET_BYTES: Final = 32
 TOKEN_ROTATION: Final = 300.0
 """Length of a secret's epoch: a token is accepted until the end of the epoch after the one it was issued in,
 so for 5 to 10 minutes."""
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def _packed_ip(host: str) -> bytes:
+    # Every lookup and store asks for a token: parsing the same few addresses again costs more than the hash.
+    return ipaddress.ip_address(host).packed
 
 
 class WriteTokens:
@@ -60,7 +68,7 @@ class WriteTokens:
 
     @staticmethod
     def _token(secret: bytes, host: str, key: NodeId) -> bytes:
-        packed = ipaddress.ip_address(host).packed
+        packed = _packed_ip(host)
         return hashlib.blake2b(packed + key.bytes, key=secret, digest_size=TOKEN_BYTES).digest()
 
     def issue(self, host: str, key: NodeId, now: float) -> bytes:

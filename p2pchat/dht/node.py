@@ -78,7 +78,7 @@ from p2pchat.core.routing import Contact, K, ObserveOutcome, RoutingTable
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import WriteTokens
 from p2pchat.dht.compat import CompatService
-from p2pchat.dht.rpc import RequestTimeoutError, RpcTransport
+from p2pchat.dht.rpc import PendingKey, RequestTimeoutError, RpcTransport
 from p2pchat.dht.store import DeletedEntryError, QuotaExceededError, Space, StoreLimits
 from p2pchat.dht.store import Store as ItemStore
 from p2pchat.env import Env
@@ -96,6 +96,7 @@ __all__ = [
     "MAX_RECENT_STORES",
     "PART_ATTEMPTS",
     "REPUBLISH_INTERVAL",
+    "SERVED_KEYS_REMEMBERED",
     "DhtConfig",
     "DhtNode",
     "GetResult",
@@ -136,6 +137,10 @@ MAX_MAILBOX_PAGES: Final = 32
 
 MAX_RECENT_STORES: Final = 1024
 """Finished store transfers remembered, so a retried part of a stored blob gets the same answer."""
+
+SERVED_KEYS_REMEMBERED: Final = 64
+"""Keys whose closest contacts, as named in this node's last FindValue answer, are kept for the store that
+usually follows (it needs them for hand-over bookkeeping); the oldest is forgotten first."""
 
 MAX_HANDED_PER_KEY: Final = 2 * K
 """Nodes remembered per key as already holding it (the k closest, and some that were)."""
@@ -227,6 +232,183 @@ class _Fetched:
         self.replies: dict[NodeId, tuple[Candidate, Found]] = {}
 
 
+class _LookupRun:
+    """Drives one :class:`Lookup` from reply callbacks, which run in the transport's receive loop: each reply is
+    checked and handed to the lookup, and the next requests go out at once.  ``finished`` is set when the lookup
+    is done.  (An object rather than closures: closures that call each other form a reference cycle, which only
+    the garbage collector frees.)"""
+
+    __slots__ = ("_in_flight", "_lookup", "_node", "_on_answer", "_reply_type", "_request_for", "closed", "finished")
+
+    def __init__(
+        self,
+        node: DhtNode,
+        lookup: Lookup,
+        request_for: Callable[[bytes], Packet],
+        reply_type: type[Nodes] | type[Found],
+        on_answer: Callable[[Candidate, Nodes | Found], None] | None,
+    ) -> None:
+        self._node = node
+        self._lookup = lookup
+        self._request_for = request_for
+        self._reply_type = reply_type
+        self._on_answer = on_answer
+        self._in_flight: dict[NodeId, PendingKey] = {}
+        self.finished = trio.Event()
+        self.closed = False
+
+    def ask_more(self) -> None:
+        """Send what the lookup wants asked now; set ``finished`` if it is done (or the transport has stopped:
+        then ``closed`` is set)."""
+        lookup = self._lookup
+        transport = self._node.transport
+        again = True
+        while again:
+            again = False
+            for candidate in lookup.next_requests():
+                try:
+                    self._in_flight[candidate.node_id] = transport.send_request(
+                        self._request_for(transport.new_txid()),
+                        candidate.address,
+                        functools.partial(self._answered, candidate),
+                    )
+                except P2PChatError as exc:  # too many requests in flight, or a refused destination
+                    log.debug("lookup request to %s failed: %s", candidate.address, exc)
+                    lookup.on_failure(candidate.node_id)
+                    again = True
+                except trio.ClosedResourceError:
+                    # Raised to the caller by _iterate (a callback, which may run as the transport stops, must not).
+                    self.closed = True
+                    lookup.on_failure(candidate.node_id)
+                    lookup.finish()
+        if lookup.done:
+            self.finished.set()
+
+    def cancel(self) -> None:
+        """Withdraw the requests still in flight."""
+        transport = self._node.transport
+        for key in self._in_flight.values():
+            transport.cancel(key)
+        self._in_flight.clear()
+
+    def _answered(self, candidate: Candidate, reply: Packet | None) -> None:
+        node = self._node
+        node_id = candidate.node_id
+        del self._in_flight[node_id]
+        try:
+            if reply is None:
+                raise RequestTimeoutError(f"no reply from {candidate.address} in time")
+            if type(reply) is not self._reply_type:
+                raise ProtocolError(f"{self._reply_type.__name__} was expected, not {type(reply).__name__}")
+            node._verify_reply(reply.responder, candidate.address, node_id)
+        except (RequestTimeoutError, ProtocolError) as exc:
+            log.debug("lookup request to %s failed: %s", candidate.address, exc)
+            node._failed(node_id, candidate.address)
+            self._lookup.on_failure(node_id)
+        else:
+            if self._on_answer is not None:
+                self._on_answer(candidate, reply)
+            self._lookup.on_wire_reply(node_id, reply.nodes)
+        self.ask_more()
+
+
+class _StoreTransfer:
+    """Sends a blob's parts to one node: :data:`FETCH_WINDOW` in flight, each tried :data:`PART_ATTEMPTS` times.
+
+    Driven by reply callbacks in the transport's receive loop.  After a refusal or a part that ran out of tries,
+    nothing more is sent; once nothing is in flight, ``done`` is called once with whether the node confirmed the
+    whole blob stored.
+    """
+
+    __slots__ = (
+        "_address",
+        "_complete",
+        "_done",
+        "_failed",
+        "_keys",
+        "_next",
+        "_parts",
+        "_request",
+        "_transport",
+        "closed",
+    )
+
+    def __init__(
+        self,
+        transport: RpcTransport,
+        address: Address,
+        *,
+        key: bytes,
+        space: int,
+        token: bytes,
+        parts: list[Part],
+        done: Callable[[bool], None],
+    ) -> None:
+        self._transport = transport
+        self._address = address
+        self._parts = parts
+        self._done: Callable[[bool], None] | None = done
+        self._request = functools.partial(Store, key=key, space=space, token=token)
+        self._keys: dict[int, PendingKey] = {}
+        self._next = 0
+        self._complete = False
+        self._failed = False
+        self.closed = False
+        """The transport stopped under it (the caller raises trio.ClosedResourceError)."""
+
+    def start(self) -> None:
+        """Send the first window of parts."""
+        self._fill()
+
+    def cancel(self) -> None:
+        """Withdraw whatever is in flight; ``done`` is not called any more."""
+        self._done = None
+        for key in self._keys.values():
+            self._transport.cancel(key)
+        self._keys.clear()
+
+    def _fill(self) -> None:
+        while not self._failed and self._next < len(self._parts) and len(self._keys) < FETCH_WINDOW:
+            index = self._next
+            self._next += 1
+            self._send(index, 1)
+        self._check_done()
+
+    def _send(self, index: int, attempt: int) -> None:
+        transport = self._transport
+        try:
+            self._keys[index] = transport.send_request(
+                self._request(txid=transport.new_txid(), part=self._parts[index]),
+                self._address,
+                functools.partial(self._answered, index, attempt),
+            )
+        except P2PChatError:
+            self._failed = True
+        except trio.ClosedResourceError:
+            self._failed = self.closed = True
+
+    def _answered(self, index: int, attempt: int, reply: Packet | None) -> None:
+        del self._keys[index]
+        if reply is None:
+            if attempt < PART_ATTEMPTS:
+                self._send(index, attempt + 1)
+            else:
+                self._failed = True
+        elif isinstance(reply, Stored):
+            self._complete |= reply.complete
+        else:
+            if isinstance(reply, ErrorReply):
+                log.debug("%s refused a store: code %d (%s)", self._address, reply.code, reply.message)
+            self._failed = True
+        self._fill()
+
+    def _check_done(self) -> None:
+        done = self._done
+        if done is not None and not self._keys and (self._failed or self._next == len(self._parts)):
+            self._done = None
+            done(self._complete)
+
+
 class DhtNode:
     """One Kademlia node.  Call :meth:`run` in a nursery (``await nursery.start(node.run)``), then use it."""
 
@@ -266,6 +448,7 @@ class DhtNode:
         self.liveness_dropped = 0
         self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
         self._handed: dict[tuple[Space, NodeId], set[NodeId]] = {}
+        self._served: OrderedDict[NodeId, list[Contact]] = OrderedDict()
         self._neighbourhood_changed = False
         self.handovers = 0
 
@@ -406,8 +589,20 @@ class DhtNode:
         return None
 
     def _node_infos(self, target: NodeId) -> tuple[NodeInfo, ...]:
-        contacts = self.routing.closest(target, MAX_NODES_PER_REPLY)
-        return tuple(NodeInfo(c.node_id.bytes, c.address.host, c.address.port) for c in contacts)
+        return self._infos_of(self.routing.closest(target, MAX_NODES_PER_REPLY))
+
+    @staticmethod
+    def _infos_of(contacts: list[Contact]) -> tuple[NodeInfo, ...]:
+        infos = []
+        for contact in contacts:
+            info = contact.wire
+            if info is None:
+                # Kept on the contact: the same object is then sent in reply after reply, and its encoding is
+                # memoised by identity (the table clears it when the address changes).
+                address = contact.address
+                info = contact.wire = NodeInfo(contact.node_id.bytes, address.host, address.port)
+            infos.append(info)
+        return tuple(infos)  # type: ignore[arg-type]
 
     def _serve_find_value(self, packet: FindValue, source: Address) -> Found:
         key = NodeId(packet.key)
@@ -421,7 +616,13 @@ class DhtNode:
                 seq, digest = item.seq, item.digest
         else:
             entries = self.store.entry_count(key)
-        return Found(packet.txid, self.cert, self._node_infos(key), token, seq, digest, entries)
+        contacts = self.routing.closest(key, MAX_NODES_PER_REPLY)
+        # A store under this key is likely to follow: its hand-over bookkeeping reuses these contacts.
+        served = self._served
+        served[key] = contacts
+        if len(served) > SERVED_KEYS_REMEMBERED:
+            served.popitem(last=False)
+        return Found(packet.txid, self.cert, self._infos_of(contacts), token, seq, digest, entries)
 
     def _serve_get_part(self, packet: GetPart) -> Packet:
         key = NodeId(packet.key)
@@ -464,16 +665,20 @@ class DhtNode:
             reply = ErrorReply(txid, int(ErrorCode.INVALID), _hint(exc))
         else:
             reply = Stored(txid, complete=True)
-            # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too.
+            # Whoever stored this looked the key up, so it found the nodes closest to it: assume they hold it too
+            # (the contacts this node named in its answer to that lookup, when it still remembers them).
             handed = self._handed.setdefault((_group(space), key), set())
-            handed.update(c.node_id for c in self.routing.closest(key, self.k))
+            closest = self._served.get(key)
+            if closest is None or self.k > MAX_NODES_PER_REPLY:
+                closest = self.routing.closest(key, self.k)
+            handed.update([c.node_id for c in closest[: self.k]])
         self._recent_stores[recent_key] = reply
         if len(self._recent_stores) > MAX_RECENT_STORES:
             self._recent_stores.popitem(last=False)
         return reply
 
-    def _observe(self, node_id: NodeId, address: Address, cert: NodeCert) -> None:
-        result = self.routing.observe(node_id, address, trio.current_time(), cert=cert)
+    def _observe(self, node_id: NodeId, address: Address, cert: NodeCert, *, answered: bool = False) -> None:
+        result = self.routing.observe(node_id, address, trio.current_time(), cert=cert, answered=answered)
         if result.outcome is ObserveOutcome.ADDED:
             self._neighbourhood_changed = True
         elif result.outcome is ObserveOutcome.CACHED and result.ping_candidate is not None:
@@ -512,8 +717,7 @@ class DhtNode:
         node_id = self.certs.verify(cert, address.host, address.port, self.env.wall_time())
         if expected is not None and node_id != expected:
             raise ProtocolError(f"{address} answered for node {node_id!r}, not {expected!r}")
-        self._observe(node_id, address, cert)
-        self.routing.request_succeeded(node_id, trio.current_time(), address)
+        self._observe(node_id, address, cert, answered=True)
         return node_id
 
     def _failed(self, expected: NodeId | None, address: Address) -> None:
@@ -548,8 +752,17 @@ class DhtNode:
         return reply
 
     async def _iterate(
-        self, target: NodeId, ask: Callable[[Candidate], Awaitable[Iterable[tuple[NodeId, Address]]]]
+        self,
+        target: NodeId,
+        request_for: Callable[[bytes], Packet],
+        reply_type: type[Nodes] | type[Found],
+        on_answer: Callable[[Candidate, Nodes | Found], None] | None = None,
     ) -> Lookup:
+        """Run a lookup for *target*, asking with ``request_for(txid)``; ``on_answer`` sees every valid Found.
+
+        Replies are handled as they arrive, in the transport's receive loop, which also sends the next requests:
+        the lookup costs this task one wait, not a task and a cancel scope per request.
+        """
         seeds = self.routing.closest(target, self.k)
         if len(seeds) < self.k:
             # Too few contacts in good standing -- typically after this node was offline itself and every request
@@ -557,54 +770,34 @@ class DhtNode:
             seen = {c.node_id for c in seeds}
             seeds += [c for c in self.routing.closest(target, self.k, exclude_failing=False) if c.node_id not in seen]
             seeds = seeds[: self.k]
-        lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id)
+        lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
         self.routing.touch_bucket(target, trio.current_time())
-        progress = trio.Event()
-
-        async def one(candidate: Candidate) -> None:
-            nonlocal progress
-            try:
-                contacts = await ask(candidate)
-            except P2PChatError as exc:  # timeout, garbage, or too many requests in flight: this path failed
-                log.debug("lookup request to %s failed: %s", candidate.address, exc)
-                lookup.on_failure(candidate.node_id)
-            else:
-                lookup.on_reply(candidate.node_id, contacts)
-            progress.set()
-
-        async with trio.open_nursery() as nursery:
-            while not lookup.done:
-                for candidate in lookup.next_requests():
-                    nursery.start_soon(one, candidate)
-                if lookup.done:
-                    break
-                await progress.wait()
-                progress = trio.Event()
-            nursery.cancel_scope.cancel()
+        run = _LookupRun(self, lookup, request_for, reply_type, on_answer)
+        run.ask_more()
+        try:
+            await run.finished.wait()
+        finally:
+            run.cancel()
+        if run.closed:
+            raise trio.ClosedResourceError("the DHT node's transport has stopped")
         return lookup
 
     async def find_node(self, target: NodeId) -> LookupResult:
         """Iteratively find the k nodes closest to ``target`` that answer."""
-
-        async def ask(candidate: Candidate) -> list[tuple[NodeId, Address]]:
-            packet = FindNode(self.transport.new_txid(), self._sender(), target.bytes)
-            reply = await self._ask(packet, candidate, Nodes)
-            return [(NodeId(n.node_id), Address(n.host, n.port)) for n in reply.nodes]
-
-        lookup = await self._iterate(target, ask)
+        sender, raw = self._sender(), target.bytes
+        lookup = await self._iterate(target, lambda txid: FindNode(txid, sender, raw), Nodes)
         return LookupResult(lookup.result(), lookup.hops, lookup.rpcs)
 
     async def _find_value(self, key: NodeId, space: LookupSpace) -> tuple[Lookup, _Fetched]:
         fetched = _Fetched()
+        replies = fetched.replies
+        sender, raw, number = self._sender(), key.bytes, int(space)
 
-        async def ask(candidate: Candidate) -> list[tuple[NodeId, Address]]:
-            packet = FindValue(self.transport.new_txid(), self._sender(), key.bytes, int(space))
-            reply = await self._ask(packet, candidate, Found)
-            assert isinstance(reply, Found)
-            fetched.replies[candidate.node_id] = (candidate, reply)
-            return [(NodeId(n.node_id), Address(n.host, n.port)) for n in reply.nodes]
+        def keep(candidate: Candidate, reply: Nodes | Found) -> None:
+            assert isinstance(reply, Found)  # the lookup checked the reply type
+            replies[candidate.node_id] = (candidate, reply)
 
-        lookup = await self._iterate(key, ask)
+        lookup = await self._iterate(key, lambda txid: FindValue(txid, sender, raw, number), Found, keep)
         return lookup, fetched
 
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
@@ -669,24 +862,23 @@ class DhtNode:
         parts[0] = first
         if first.total > 1:
             limiter = trio.CapacityLimiter(FETCH_WINDOW)
-            failures: list[P2PChatError] = []
+            failure: list[P2PChatError] = []
 
-            async def fetch(index: int) -> None:
+            async def fetch(index: int, cancel_scope: trio.CancelScope) -> None:
                 async with limiter:
                     try:
                         parts[index] = part_of(await self._part_request(get(index), address))
                     except P2PChatError as exc:
-                        # One bad or lost part spoils the blob: stop asking, and raise one error after the
-                        # nursery -- several failing parts would otherwise escape as an ExceptionGroup, which no
-                        # caller catches (a holder answering every part wrongly crashed the mailbox fetch).
-                        failures.append(exc)
-                        nursery.cancel_scope.cancel()
+                        # Raised here it would leave the nursery as an ExceptionGroup, which callers that catch
+                        # P2PChatError would not catch: keep the first failure and stop the other parts.
+                        failure.append(exc)
+                        cancel_scope.cancel()
 
             async with trio.open_nursery() as nursery:
                 for index in range(1, first.total):
-                    nursery.start_soon(fetch, index)
-            if failures:
-                raise failures[0]
+                    nursery.start_soon(fetch, index, nursery.cancel_scope)
+            if failure:
+                raise failure[0]
         blob = bytearray()
         for index, part in enumerate(parts):
             if part is None or part.index != index or part.total != first.total or part.digest != first.digest:
@@ -698,47 +890,45 @@ class DhtNode:
 
     async def _store_blob(self, address: Address, key: NodeId, space: ItemSpace, token: bytes, blob: bytes) -> bool:
         """Store a blob at one node; True once it confirms the whole is stored."""
-        parts = make_parts(blob, self.env.random_bytes(TRANSFER_ID_BYTES))
-        outcome: list[bool] = []
-        limiter = trio.CapacityLimiter(FETCH_WINDOW)
-
-        async def send(part: Part) -> None:
-            async with limiter:
-                if outcome and not outcome[-1]:
-                    return
-                try:
-                    reply = await self._part_request(
-                        lambda txid: Store(txid, key.bytes, int(space), token, part), address
-                    )
-                except P2PChatError:
-                    outcome.append(False)
-                    return
-            if isinstance(reply, Stored):
-                if reply.complete:
-                    outcome.append(True)
-            else:
-                if isinstance(reply, ErrorReply):
-                    log.debug("%s refused a store: code %d (%s)", address, reply.code, reply.message)
-                outcome.append(False)
-
-        async with trio.open_nursery() as nursery:
-            for part in parts:
-                nursery.start_soon(send, part)
-        return True in outcome
+        return await self._store_at([(address, token)], key, space, blob) == 1
 
     async def _store_many(
         self, targets: list[tuple[Candidate, Found]], key: NodeId, space: ItemSpace, blob: bytes
     ) -> int:
+        return await self._store_at([(c.address, found.token) for c, found in targets], key, space, blob)
+
+    async def _store_at(self, targets: list[tuple[Address, bytes]], key: NodeId, space: ItemSpace, blob: bytes) -> int:
+        """Store a blob at each (address, write token) of *targets* at once; returns how many confirmed it."""
+        if not targets:
+            return 0
+        # One transfer id for all: each target is another node, and a transfer is known by its source and id.
+        parts = make_parts(blob, self.env.random_bytes(TRANSFER_ID_BYTES))
+        finished = trio.Event()
         stored = 0
+        remaining = len(targets)
 
-        async def one(candidate: Candidate, found: Found) -> None:
-            nonlocal stored
-            if await self._store_blob(candidate.address, key, space, found.token, blob):
-                stored += 1
+        def done(ok: bool) -> None:
+            nonlocal stored, remaining
+            stored += ok
+            remaining -= 1
+            if remaining == 0:
+                finished.set()
 
-        async with trio.open_nursery() as nursery:
-            for candidate, found in targets:
-                nursery.start_soon(one, candidate, found)
+        transfers = [
+            _StoreTransfer(
+                self.transport, address, key=key.bytes, space=int(space), token=token, parts=parts, done=done
+            )
+            for address, token in targets
+        ]
+        for transfer in transfers:
+            transfer.start()
+        try:
+            await finished.wait()
+        finally:
+            for transfer in transfers:
+                transfer.cancel()
+        if any(transfer.closed for transfer in transfers):
+            raise trio.ClosedResourceError("the DHT node's transport has stopped")
         return stored
 
     def _among_closest(self, key: NodeId, others: list[Candidate]) -> bool:
@@ -847,7 +1037,9 @@ class DhtNode:
                 winner_seq = seq
         merged = merge_records(candidates, key, wall)
         if merged.record is not None:
-            self._spawn(lambda: self._repair(key, merged.record, lookup.result(), fetched))  # type: ignore[arg-type]
+            lagging = self._lagging(merged.record, lookup.result(), fetched)
+            if lagging:
+                self._spawn(lambda: self._repair(key, merged.record, lagging))  # type: ignore[arg-type]
         return GetResult(
             merged.record,
             merged.conflict,
@@ -868,15 +1060,19 @@ class DhtNode:
                 log.debug("fetching a record from %s failed: %s", holder.address, exc)
         return None
 
-    async def _repair(self, key: NodeId, record: SignedRecord, closest: list[Candidate], fetched: _Fetched) -> None:
+    @staticmethod
+    def _lagging(record: SignedRecord, closest: list[Candidate], fetched: _Fetched) -> list[tuple[Candidate, Found]]:
+        """The closest nodes that hold an older version of *record*, or none."""
         lagging = []
         for candidate in closest:
             found = fetched.replies[candidate.node_id][1]
             if found.seq is None or found.seq < record.seq:
                 lagging.append((candidate, found))
-        if lagging:
-            with contextlib.suppress(P2PChatError):
-                await self._store_many(lagging, key, ItemSpace.RECORD, encode_record(record))
+        return lagging
+
+    async def _repair(self, key: NodeId, record: SignedRecord, lagging: list[tuple[Candidate, Found]]) -> None:
+        with contextlib.suppress(P2PChatError):
+            await self._store_many(lagging, key, ItemSpace.RECORD, encode_record(record))
 
     # --- the API: mailboxes ------------------------------------------------------------------------------------
 

@@ -4,11 +4,19 @@ A reply is accepted only if it comes from the address the request went to and ec
 transaction id (BEP 5's rule); anything else is dropped and counted.  Requests are answered synchronously in the
 receive loop by a handler that must not block, so a flood of requests costs no tasks and no memory beyond the
 socket's queue.  Timeouts adapt to measured round trips (:mod:`p2pchat.core.rtt`).
+
+Two ways to ask: :meth:`RpcTransport.request` awaits one reply; :meth:`RpcTransport.send_request` hands the
+reply (or ``None`` on timeout) to a callback run in the receive loop, so a lookup with twenty requests in flight
+needs no task, cancel scope or event per request.  Every pending request's deadline sits in one heap, watched by
+one timer task.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -24,15 +32,32 @@ from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, ProtocolError
 from p2pchat.net.base import Address, DatagramEndpoint
 
-__all__ = ["MAX_PENDING_REQUESTS", "RequestTimeoutError", "RpcStats", "RpcTransport", "TooManyRequestsError"]
+__all__ = [
+    "MAX_PENDING_REQUESTS",
+    "MAX_SETTLED_DEADLINES",
+    "PendingKey",
+    "ReplyCallback",
+    "RequestTimeoutError",
+    "RpcStats",
+    "RpcTransport",
+    "TooManyRequestsError",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_REQUESTS: Final = 4096
 """Requests this node may have waiting for a reply at once; a lookup uses alpha=3, so this is generous."""
 
+MAX_SETTLED_DEADLINES: Final = 256
+"""Deadlines of answered or withdrawn requests the timer heap may hold beyond twice the pending ones.  They are
+left there rather than removed one by one (the timer drops them when it wakes); past this they are swept."""
+
 RequestHandler = Callable[[Packet, Address], Packet | None]
 CompatHandler = Callable[[bytes, Address, DatagramKind], bytes | None]
+ReplyCallback = Callable[[Packet | None], None]
+"""Called once with the reply to a request, or with ``None`` when it timed out (not when it was cancelled)."""
+PendingKey = tuple[bytes, Address]
+"""A pending request: its transaction id and the address asked."""
 
 
 class RequestTimeoutError(P2PChatError):
@@ -58,12 +83,18 @@ class RpcStats:
     compat_served: int = 0
 
 
-class _Pending:
-    __slots__ = ("sent_at", "task")
+def _settled(_: Packet | None) -> None:
+    """The callback of a request that was answered or withdrawn (its deadline may still sit in the heap, and must
+    not keep the real callback, and all the lookup state behind it, alive)."""
 
-    def __init__(self, task: trio.lowlevel.Task, sent_at: float) -> None:
-        self.task = task
+
+class _Pending:
+    __slots__ = ("callback", "deadline", "sent_at")
+
+    def __init__(self, callback: ReplyCallback, sent_at: float, deadline: float) -> None:
+        self.callback = callback
         self.sent_at = sent_at
+        self.deadline = deadline
 
 
 class RpcTransport:
@@ -88,7 +119,13 @@ class RpcTransport:
         self.timeouts = timeouts or TimeoutPolicy()
         self.limiter = limiter
         self.stats = RpcStats()
-        self._pending: dict[tuple[bytes, Address], _Pending] = {}
+        self._pending: dict[PendingKey, _Pending] = {}
+        # (deadline, sequence, key, pending); entries whose request was answered or cancelled stay until they come
+        # up (cheaper than removing them), and the heap is compacted when they outnumber the live ones.
+        self._deadlines: list[tuple[float, int, PendingKey, _Pending]] = []
+        self._sequence = itertools.count()
+        self._timer: trio.CancelScope | None = None
+        self._stopped = False
 
     @property
     def local_address(self) -> Address:
@@ -104,43 +141,129 @@ class RpcTransport:
         """Send a packet that expects no reply (a reply to a request, or a notification)."""
         self.endpoint.send(encode_datagram(packet), destination)
 
-    async def request(self, packet: Packet, destination: Address, *, timeout: float | None = None) -> Packet:
-        """Send ``packet`` (its ``txid`` must be fresh) and return the reply, or raise :class:`RequestTimeoutError`."""
+    def send_request(
+        self, packet: Packet, destination: Address, callback: ReplyCallback, *, timeout: float | None = None
+    ) -> PendingKey:
+        """Send ``packet`` (its ``txid`` must be fresh); ``callback`` gets the reply, or ``None`` after the timeout.
+
+        The callback runs in the receive loop (or the timer task) and must not block.  Returns the key with which
+        :meth:`cancel` withdraws the request.  Raises :class:`TooManyRequestsError` when
+        :data:`MAX_PENDING_REQUESTS` are waiting.
+        """
+        if self._stopped:
+            raise trio.ClosedResourceError("the transport has stopped: no reply could be received")
         txid: bytes = packet.txid  # type: ignore[attr-defined]
         key = (txid, destination)
-        if len(self._pending) >= MAX_PENDING_REQUESTS:
+        pending_requests = self._pending
+        if len(pending_requests) >= MAX_PENDING_REQUESTS:
             raise TooManyRequestsError(f"{MAX_PENDING_REQUESTS} requests already waiting for replies")
-        if key in self._pending:
+        if key in pending_requests:
             raise ValueError("transaction id already in use for this destination")
         wait = self.timeouts.timeout(destination) if timeout is None else timeout
-        sent_at = trio.current_time()
         self.endpoint.send(encode_datagram(packet), destination)
         self.stats.requests_sent += 1
-        pending = _Pending(trio.lowlevel.current_task(), sent_at)
-        self._pending[key] = pending
+        now = trio.current_time()
+        pending = _Pending(callback, now, now + wait)
+        pending_requests[key] = pending
+        heapq.heappush(self._deadlines, (pending.deadline, next(self._sequence), key, pending))
+        timer = self._timer
+        if timer is not None and pending.deadline < timer.deadline:
+            timer.deadline = pending.deadline
+        return key
+
+    def cancel(self, key: PendingKey) -> None:
+        """Withdraw a pending request: a late reply is dropped as unsolicited and the callback is not called."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.callback = _settled
+            self._sweep_settled()
+
+    def _sweep_settled(self) -> None:
+        deadlines = self._deadlines
+        pending_requests = self._pending
+        if len(deadlines) > 2 * len(pending_requests) + MAX_SETTLED_DEADLINES:
+            deadlines[:] = [entry for entry in deadlines if pending_requests.get(entry[2]) is entry[3]]
+            heapq.heapify(deadlines)
+
+    async def request(self, packet: Packet, destination: Address, *, timeout: float | None = None) -> Packet:
+        """Send ``packet`` (its ``txid`` must be fresh) and return the reply, or raise :class:`RequestTimeoutError`."""
+        task = trio.lowlevel.current_task()
+
+        def wake(reply: Packet | None) -> None:
+            trio.lowlevel.reschedule(task, outcome.Value(reply))
+
+        key = self.send_request(packet, destination, wake, timeout=timeout)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._pending.pop(key, None)
+            self.cancel(key)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        with trio.move_on_after(wait):
-            reply: Packet = await trio.lowlevel.wait_task_rescheduled(abort)
-            self.timeouts.observe(destination, trio.current_time() - sent_at)
-            return reply
-        self.stats.timeouts += 1
-        raise RequestTimeoutError(f"no reply from {destination} within {wait:.3f}s")
+        reply: Packet | None = await trio.lowlevel.wait_task_rescheduled(abort)
+        if reply is None:
+            raise RequestTimeoutError(f"no reply from {destination} in time")
+        return reply
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The receive loop; runs until cancelled or the endpoint is closed."""
-        task_status.started()
-        endpoint = self.endpoint
+        """The receive loop and the timeout timer; runs until cancelled or the endpoint is closed.
+
+        When it ends, every request still pending is settled as timed out (no reply can come any more), and later
+        requests raise :class:`trio.ClosedResourceError`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_loop)
+                task_status.started()
+                endpoint = self.endpoint
+                while True:
+                    try:
+                        batch = await endpoint.receive_batch()
+                    except trio.ClosedResourceError:
+                        break
+                    for data, source in batch:
+                        self._on_datagram(data, source)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._timer = None
+        settled = list(self._pending.values())
+        self._pending.clear()
+        self._deadlines.clear()
+        for pending in settled:
+            callback = pending.callback
+            pending.callback = _settled
+            try:
+                callback(None)
+            except Exception:  # a waiter's own bug must not hide the others' wake-ups, nor why the loop ended
+                log.exception("a reply callback failed while the transport stopped")
+
+    async def _expire_loop(self) -> None:
+        # One task sleeps until the earliest deadline; send_request moves that deadline earlier when it must.
+        deadlines = self._deadlines
+        pending_requests = self._pending
+        stats = self.stats
         while True:
             try:
-                batch = await endpoint.receive_batch()
-            except trio.ClosedResourceError:
-                return
-            for data, source in batch:
-                self._on_datagram(data, source)
+                with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
+                    self._timer = timer
+                    await trio.sleep_forever()
+            finally:
+                self._timer = None
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                _, _, key, pending = heapq.heappop(deadlines)
+                if pending_requests.get(key) is pending:
+                    del pending_requests[key]
+                    stats.timeouts += 1
+                    callback = pending.callback
+                    pending.callback = _settled
+                    callback(None)
+            # Requests answered meanwhile stay in the heap (moving the timer's deadline on every reply would cost
+            # more than this): drop those at the top, so the next wake-up is for a request still pending.
+            while deadlines and pending_requests.get(deadlines[0][2]) is not deadlines[0][3]:
+                heapq.heappop(deadlines)
 
     def _on_datagram(self, data: bytes, source: Address) -> None:
         stats = self.stats
@@ -160,7 +283,11 @@ class RpcTransport:
                 stats.dropped_unsolicited += 1
                 return
             stats.replies_received += 1
-            trio.lowlevel.reschedule(pending.task, outcome.Value(packet))
+            self.timeouts.observe(source, trio.current_time() - pending.sent_at)
+            callback = pending.callback
+            pending.callback = _settled
+            self._sweep_settled()
+            callback(packet)
             return
         if not self._allowed(source):
             return
@@ -214,3 +341,7 @@ class RpcTransport:
     def pending_count(self) -> int:
         """Requests waiting for a reply."""
         return len(self._pending)
+
+    def deadlines_held(self) -> int:
+        """Entries in the timer heap: the pending requests' deadlines and, lazily, some settled ones."""
+        return len(self._deadlines)

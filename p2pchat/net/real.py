@@ -111,13 +111,14 @@ def _address(sockaddr: tuple[object, ...]) -> Address:
 class RealDatagramEndpoint(DatagramEndpoint):
     """A UDP socket driven by trio's readiness API, so a wake-up drains everything queued in the kernel."""
 
-    __slots__ = ("_allow", "_closed", "_sock")
+    __slots__ = ("_allow", "_closed", "_emptied", "_sock")
 
     def __init__(self, sock: stdlib_socket.socket, allow: AllowList) -> None:
         super().__init__(_address(sock.getsockname()))
         self._sock = sock
         self._allow = allow
         self._closed = False
+        self._emptied = False
 
     def send(self, data: bytes, destination: Address) -> None:
         """Send one datagram; a full kernel buffer or an ICMP error drops it and counts it."""
@@ -135,15 +136,23 @@ class RealDatagramEndpoint(DatagramEndpoint):
         """Wait until the socket is readable, then drain up to :data:`MAX_DATAGRAMS_PER_BATCH` datagrams."""
         await trio.lowlevel.checkpoint_if_cancelled()
         batch: list[tuple[bytes, Address]] = []
+        waited = False
+        if self._emptied:
+            # The last batch emptied the socket: a read now would almost always find nothing (a syscall and an
+            # exception per datagram handled), and readiness is level-triggered, so whatever arrived since wakes
+            # this wait at once.
+            await self._wait_readable()
+            waited = True
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("datagram endpoint is closed")
+            emptied = False
             try:
                 while len(batch) < MAX_DATAGRAMS_PER_BATCH:
                     data, sockaddr = self._sock.recvfrom(RECEIVE_BUFFER_BYTES)
                     batch.append((data, _address(sockaddr)))
             except BlockingIOError:
-                pass
+                emptied = True
             except ConnectionRefusedError:
                 # Linux reports an earlier send's ICMP port-unreachable on the next recv; it is not data.
                 continue
@@ -152,13 +161,22 @@ class RealDatagramEndpoint(DatagramEndpoint):
                     raise trio.ClosedResourceError("datagram endpoint is closed") from None
                 raise
             if batch:
+                self._emptied = emptied
                 self.stats.received += len(batch)
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    # Data was there at once: yield anyway, so a flooded socket cannot starve the other tasks.
+                    # After a wait the scheduler has just run, and a second round trip through it would cost as
+                    # much as handling a datagram.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return batch
-            try:
-                await trio.lowlevel.wait_readable(self._sock)
-            except trio.ClosedResourceError:
-                raise trio.ClosedResourceError("datagram endpoint is closed") from None
+            await self._wait_readable()
+            waited = True
+
+    async def _wait_readable(self) -> None:
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("datagram endpoint is closed") from None
 
     async def aclose(self) -> None:
         """Close the socket (wakes a blocked receive with ClosedResourceError)."""
