@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from typing import TextIO
 
 from p2pchat.core.identity import PublicIdentity, format_safety_number, safety_number
+from p2pchat.env import Env
 from p2pchat.errors import UserError
 from p2pchat.home import Home, check_name
 from p2pchat.messaging.db import ContactStatus, MessageDB
@@ -72,7 +72,7 @@ def _add(db: MessageDB, me: PublicIdentity, name_text: str, address: str, out: T
         )
     before = db.contact(key)
     with db.transaction():
-        db.set_contact(key, name, ContactStatus.CONTACT, time.time())
+        db.set_contact(key, name, ContactStatus.CONTACT, Env.real().wall_time())
     if before is not None and before.status is ContactStatus.REQUEST:
         print(f"accepted {name}'s request ({PublicIdentity(key).address})", file=out)
     elif before is not None and before.name and before.name != name:
