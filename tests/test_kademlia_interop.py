@@ -30,6 +30,8 @@ from p2pchat.dht.node import DhtNode
 from p2pchat.env import Env
 from p2pchat.net.base import Address
 
+from line_reader import LineReader
+
 pytestmark = pytest.mark.realnet
 
 HOST = "127.0.0.1"
@@ -37,32 +39,11 @@ P2PCHAT_NODES = 5
 DEADLINE = 30.0
 """Seconds for one stock-node step; each takes well under a second when all goes well (rpcudp waits 5 s for a
 missing reply, so this allows a few)."""
-MAX_LINE = 65536
 PEER_SCRIPT = Path(__file__).with_name("kademlia_peer.py")
 
 VALUES: dict[str, Any] = {"greeting": "hello from a stock kademlia node", "answer": 42, "ratio": 0.5, "flag": True}
 """What stock node A sets (JSON carries them to the peer script; bytes values are covered by test_compat)."""
 MISSING = "nobody set this"
-
-
-class _LineReader:
-    """Lines from a subprocess's stdout, each at most MAX_LINE bytes."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def line(self) -> bytes:
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > MAX_LINE:
-                raise AssertionError(f"stock node wrote a line over {MAX_LINE} bytes")
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"stock node closed stdout (after {bytes(self._buffer)!r})")
-            self._buffer += chunk
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
-        return line
 
 
 class StockNode:
@@ -72,7 +53,7 @@ class StockNode:
         self.process = process
         self.stderr_path = stderr_path
         assert process.stdout is not None
-        self._lines = _LineReader(process.stdout)
+        self._lines = LineReader(process.stdout, "stock node")
         self.events: list[dict[str, Any]] = []
 
     async def next_event(self) -> dict[str, Any]:

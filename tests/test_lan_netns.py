@@ -30,6 +30,8 @@ import trio
 
 from p2pchat.net.real import ALLOW_ENV_VAR
 
+from line_reader import LineReader
+
 pytestmark = pytest.mark.realnet
 
 PEER_SCRIPT = Path(__file__).with_name("lan_netns_peer.py")
@@ -39,29 +41,8 @@ STARTUP_DEADLINE = 15.0
 """Seconds for a peer process to start its node."""
 EXIT_DEADLINE = 5.0
 """Seconds a peer gets to say goodbye and exit once its stdin is closed, before it is killed."""
-MAX_LINE = 65536
 SETUP_TIMEOUT = 10.0
 """Seconds any one ``ip`` command may take."""
-
-
-class _LineReader:
-    """Lines from a subprocess's stdout, each at most MAX_LINE bytes."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def line(self) -> bytes:
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > MAX_LINE:
-                raise AssertionError(f"peer wrote a line over {MAX_LINE} bytes")
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"peer closed stdout (after {bytes(self._buffer)!r})")
-            self._buffer += chunk
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
-        return line
 
 
 class Peer:
@@ -73,7 +54,7 @@ class Peer:
         self.process = process
         self.stderr_path = stderr_path
         assert process.stdout is not None
-        self._lines = _LineReader(process.stdout)
+        self._lines = LineReader(process.stdout, "peer")
         self.events: dict[str, dict[str, Any]] = {}
 
     async def next_event(self) -> dict[str, Any]:
