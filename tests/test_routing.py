@@ -10,6 +10,7 @@ import pytest
 from p2pchat.core.ids import NODE_ID_BITS, NodeId
 from p2pchat.core.routing import (
     BUCKET_REFRESH_INTERVAL,
+    FAR_BUCKET_REFRESH_INTERVAL,
     MAX_BUCKETS,
     MAX_CONTACTS_PER_SUBNET_PER_BUCKET,
     MAX_FAILURES,
@@ -622,6 +623,29 @@ def test_untouched_buckets_become_stale_with_a_random_id_inside() -> None:
     table.request_succeeded(ids[0], 1000.0)
     assert table.stale_buckets(1000.0 + BUCKET_REFRESH_INTERVAL - 1, rng) == []
     assert len(table.stale_buckets(1000.0 + BUCKET_REFRESH_INTERVAL, rng)) == 2
+
+
+def test_buckets_beyond_our_neighbourhood_are_refreshed_hourly() -> None:
+    rng = random.Random(26)
+    table = RoutingTable(OWN, now=0.0)
+    # K contacts in each of the three ranges nearest to OWN (prefix 001, 01 and 1): the table splits into buckets
+    # holding K each, and the nearest K contacts fill what is left of OWN's half.
+    ranges = [(TOP >> 2, NODE_ID_BITS - 3), (TOP >> 1, NODE_ID_BITS - 2), (TOP, NODE_ID_BITS - 1)]
+    for n, (prefix, bits) in enumerate(ranges):
+        for i in range(K):
+            table.observe(NodeId.from_int(prefix | rng.getrandbits(bits)), lan(n * K + i), 0.0)
+    far, middle, *near = table.buckets
+    assert len(far.contacts) == len(middle.contacts) == K
+    assert sum(len(b.contacts) for b in near) == K  # our k closest: all in the neighbourhood
+
+    stale = table.stale_buckets(BUCKET_REFRESH_INTERVAL, rng)
+    assert len(stale) == len(near)
+    assert all(any(b.covers(t) for b in near) for t in stale)
+    almost = table.stale_buckets(FAR_BUCKET_REFRESH_INTERVAL - 1, rng)
+    assert not any(far.covers(t) or middle.covers(t) for t in almost)
+    hourly = table.stale_buckets(FAR_BUCKET_REFRESH_INTERVAL, rng)
+    assert len(hourly) == len(table.buckets)
+    assert far.covers(hourly[0]) and middle.covers(hourly[1])
 
 
 def test_random_operations_keep_every_invariant() -> None:

@@ -117,6 +117,10 @@ MAINTENANCE_INTERVAL: Final = 60.0
 HANDOVER_INTERVAL: Final = 60.0
 """Seconds between checks whether new nodes joined the neighbourhood of stored keys (then data is handed over)."""
 
+HANDOVER_GIVERS: Final = 3
+"""Holders of a key that hand it over: a node gives a key to new neighbours of the key only while fewer than this
+many live nodes it knows are closer to the key than itself."""
+
 REPUBLISH_INTERVAL: Final = 3600.0
 """Seconds between an owner's republishes of the records it put, so they outlive every replica that held them."""
 
@@ -1195,18 +1199,18 @@ class DhtNode:
                 continue
             closest = self.routing.closest(key, self.k)
             own = self.node_id.distance(key)
-            if len(closest) >= self.k and closest[-1].node_id.distance(key) < own:
-                # Not among the k closest to the key as far as we know: those who are do the hand-over, and our
-                # copy lives out its expiry.
-                continue
-            # Our table is complete near our own id, not near the key, so "the k closest we know" may reach farther
-            # out than the true k closest; giving to all of them would spread the key outward with every wave of
-            # joins.  So data flows inward (to nodes closer to the key than we are) from any holder, and outward
-            # only from the inner half, whose view of the key's neighbourhood is good.  That outward flow is what
-            # refills the outer ranks when holders die and known nodes move up into the k closest.
-            inner = sum(c.node_id.distance(key) < own for c in closest) < self.k // 2
             handed = self._handed.setdefault((group, key), set())
-            newcomers = [c for c in closest if c.node_id not in handed and (inner or c.node_id.distance(key) < own)]
+            if sum(c.node_id in handed and c.node_id.distance(key) < own for c in closest) >= HANDOVER_GIVERS:
+                # HANDOVER_GIVERS live nodes closer to the key than we are hold it: they hand it over, and our copy
+                # lives out its expiry.  (The Kademlia paper's "only the closest holder transfers", with a few more
+                # so that one giver offline or behind does not stall it.)  Every holder giving to every newcomer
+                # made hand-over the largest share of all DHT traffic under churn: each change of a key's k closest
+                # cost up to k FindValue/Store exchanges instead of a few.  The givers are near the key, so their
+                # tables are complete there, and "the k closest they know" are the true k closest -- no outward
+                # spread.  Only known holders count (``handed``: told so by their answer, or given it by us): nodes
+                # closer than us that lack the key must not silence us, or a key would reach no newcomer at all.
+                continue
+            newcomers = [c for c in closest if c.node_id not in handed]
             for contact in newcomers:
                 if await self._give(contact, group, key):
                     given += 1
