@@ -157,6 +157,22 @@ def test_entries_expire() -> None:
     assert store.entry_count(MBOX) == 0 and store.total_bytes == 0 and store.source_bytes("10.0.0.1") == 0
 
 
+def test_a_sweep_finds_what_expires_first_even_if_it_was_stored_last() -> None:
+    # Sweeps skip the scan until the earliest expiry; an item stored later that expires sooner must move it.
+    store = Store(OWN_ID)
+    late = make_entry(MBOX, b"late", entry_expiry(NOW))
+    soon = make_entry(MBOX, b"soon", int(NOW) + 600)
+    store.put(Space.ENTRY, MBOX, encode_entry(late), "10.0.0.1", NOW)
+    assert store.sweep(NOW + 1) == 0
+    store.put(Space.ENTRY, MBOX, encode_entry(soon), "10.0.0.1", NOW + 1)
+    assert store.sweep(NOW + 599) == 0
+    assert store.sweep(NOW + 600) == 1
+    assert store.entry_count(MBOX) == 1
+    assert store.sweep(entry_expiry(NOW) - 1) == 0
+    assert store.sweep(entry_expiry(NOW)) == 1
+    assert len(store) == 0
+
+
 # --- quotas -------------------------------------------------------------------------------------------------------
 
 
