@@ -107,6 +107,17 @@ CREATE TABLE IF NOT EXISTS seen_initials (ephemeral BLOB PRIMARY KEY, seen_at RE
 _SEQ_INDEX: Final = "CREATE INDEX IF NOT EXISTS messages_seq ON messages (peer, outgoing, seq)"
 """Makes :meth:`MessageDB.next_seq` one index probe instead of a scan of the conversation."""
 
+_PAIRWISE_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS pairwise (peer BLOB PRIMARY KEY, heard INTEGER NOT NULL DEFAULT 0,"
+    " wrote_ack INTEGER NOT NULL DEFAULT 0, wrote_text INTEGER NOT NULL DEFAULT 0)"
+)
+"""What decides the pairwise mailboxes (see :meth:`MessageDB.mark_heard`, :meth:`MessageDB.mark_wrote`): whether
+we have taken a ratchet message from the peer, and whether we have written it an acknowledgement or a text."""
+
+_ADDED_SINCE_VERSION_1: Final = (_SEQ_INDEX, _PAIRWISE_TABLE)
+"""Created on every open when missing.  Each only adds (an index, or a table that starts empty and means "nothing
+known yet"), so a database written before it stays valid as it is, and needs no new :data:`SCHEMA_VERSION`."""
+
 _MESSAGE_COLUMNS: Final = (
     "id, peer, outgoing, text, sent_at, seq, state, replicas, reason, expires_at, received_at, wire, next_attempt,"
     " attempts"
@@ -222,8 +233,8 @@ class MessageDB:
         self._db = open_database(path, _create_tables, advice=_ADVICE, foreign=_foreign)
         self._db.text_factory = _text_or_bytes
         try:
-            # Indexes added since version 1 was first written (an index changes no data, so no new version).
-            self._db.execute(_SEQ_INDEX)
+            for statement in _ADDED_SINCE_VERSION_1:
+                self._db.execute(statement)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise damaged(self.path, str(exc), _ADVICE) from None
@@ -470,3 +481,32 @@ class MessageDB:
     def forget_initials(self, before: float) -> None:
         """Forget initial headers seen before *before* (their signed prekeys are gone by then)."""
         self._db.execute("DELETE FROM seen_initials WHERE seen_at < ?", (before,))
+
+    # --- pairwise mailboxes ----------------------------------------------------------------------------------
+
+    def mark_heard(self, peer: bytes) -> None:
+        """Remember that we have taken an authenticated ratchet message from *peer* (so it polls our pairwise
+        mailbox at its side: see :class:`~p2pchat.messaging.messenger.Messenger`)."""
+        self._db.execute(
+            "INSERT INTO pairwise (peer, heard) VALUES (?, 1) ON CONFLICT(peer) DO UPDATE SET heard = 1", (peer,)
+        )
+
+    def heard_from(self, peer: bytes) -> bool:
+        """Whether :meth:`mark_heard` was ever called for *peer*."""
+        row = self._db.execute("SELECT heard FROM pairwise WHERE peer = ?", (peer,)).fetchone()
+        return row is not None and bool(_integer(row[0], "a pairwise mailbox flag"))
+
+    def mark_wrote(self, peer: bytes, *, text: bool) -> None:
+        """Remember that we have encrypted a ratchet message for *peer*: a text, or (``text=False``) an ack."""
+        column = "wrote_text" if text else "wrote_ack"
+        self._db.execute(
+            f"INSERT INTO pairwise (peer, {column}) VALUES (?, 1) ON CONFLICT(peer) DO UPDATE SET {column} = 1",
+            (peer,),
+        )
+
+    def written_to(self) -> list[tuple[bytes, bool]]:
+        """``(peer, whether we wrote it a text)`` for every peer we have written to, ordered by key."""
+        rows = self._db.execute(
+            "SELECT peer, wrote_text FROM pairwise WHERE wrote_ack = 1 OR wrote_text = 1 ORDER BY peer"
+        ).fetchall()
+        return [(_blob(r[0], "a pairwise peer"), bool(_integer(r[1], "a pairwise mailbox flag"))) for r in rows]

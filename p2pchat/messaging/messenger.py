@@ -8,10 +8,27 @@ envelope to the peer's mailbox and appends it to the DHT (state *stored*, with t
 confirmed).  It retries with backoff until the peer's acknowledgement arrives (*delivered*) or the message's
 time to live runs out (*failed*).
 
-Receiving.  A ratchet message arrives on a direct channel or from our mailbox.  One transaction takes it: the
-session step (and the one-time prekey X3DH consumed), the history row (a duplicate id is dropped), and the
+Receiving.  A ratchet message arrives on a direct channel or from one of our mailboxes.  One transaction takes
+it: the session step (and the one-time prekey X3DH consumed), the history row (a duplicate id is dropped), and the
 acknowledgement owed.  Only then does the acknowledgement leave -- directly, or sealed in the sender's mailbox.
-Mailbox entries taken are deleted with a tombstone signed by our mailbox key.
+Mailbox entries taken are deleted with a tombstone signed by the key of the mailbox they were in.
+
+Which mailbox.  Every user has a *public* mailbox, named in its prekey record, and for each peer a *pairwise*
+one (:mod:`p2pchat.core.pairwise`): a key pair only the two of them can derive, so nobody else can compute its
+DHT key and place Sybil nodes next to it.  Two durable facts per peer, each committed in the transaction that
+makes it true, decide which is used:
+
+* *heard*: we have taken an authenticated ratchet message (a text or an acknowledgement) from the peer.  From
+  then on our texts and acknowledgements that go through a mailbox go to the peer's pairwise mailbox for us;
+  before that (first contact, contact requests) to its public mailbox.
+* *wrote*: we have encrypted a ratchet message for the peer -- a text, or only acknowledgements.  We poll our
+  pairwise mailbox for the peer if we wrote it a text, or if it is an accepted contact and we wrote it anything;
+  never for a blocked identity.
+
+So a peer stores into our pairwise mailbox only after taking something we wrote, and we poll it from the moment
+we wrote that -- except for the one case where polling would let strangers cost us DHT traffic: someone whose
+contact request we only acknowledged.  Its later mail waits in our pairwise mailbox until we accept the request
+(or write to it), and is taken at the next fetch; mail that comes directly is taken at once as ever.
 
 Everything is driven by the injected :class:`~p2pchat.env.Env`, so the same code runs on sockets and on
 SimNetwork.
@@ -46,6 +63,7 @@ from p2pchat.core.messages import (
     decode,
     encode,
 )
+from p2pchat.core.pairwise import inbound_mailbox, outbound_mailbox
 from p2pchat.core.records import (
     MAX_TOMBSTONE_IDS,
     RecordKind,
@@ -67,6 +85,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_MESSAGE_TTL",
     "MAILBOX_FETCH_INTERVAL",
+    "MAX_CONCURRENT_MAILBOX_FETCHES",
     "MAX_EVENTS_QUEUED",
     "MAX_RETRY_INTERVAL",
     "RECORD_TTL",
@@ -94,6 +113,10 @@ is for what arrived while we were away, and is fetched at start)."""
 
 MAX_MAILBOX_FETCH_INTERVAL: Final = 600.0
 """Longest wait between mailbox fetches when fetches keep failing (backoff)."""
+
+MAX_CONCURRENT_MAILBOX_FETCHES: Final = 4
+"""Mailboxes (the public one and the pairwise ones) fetched at once: each fetch is a DHT lookup with its own
+parallel queries, so a user with many contacts spreads them out instead of sending a burst."""
 
 CONNECT_TIMEOUT: Final = 5.0
 """Seconds to connect and finish the channel handshake with a peer."""
@@ -157,13 +180,18 @@ class MessengerStats:
 
     sent_direct: int = 0
     stored_in_mailbox: int = 0
+    stored_in_pairwise_mailbox: int = 0
     received: int = 0
     duplicates: int = 0
     dropped_undecryptable: int = 0
     dropped_blocked: int = 0
     dropped_replays: int = 0
+    dropped_misaddressed: int = 0
+    """Entries in a pairwise mailbox sealed by someone other than the peer it is shared with."""
     dropped_events: int = 0
     mailbox_fetches: int = 0
+    mailboxes_fetched: int = 0
+    mailbox_fetch_failures: int = 0
     sessions_restarted: int = 0
 
 
@@ -420,11 +448,13 @@ class Messenger:
         # No direct path: the peer's mailbox.  A message already stored there stays (entries live as long as the
         # message may) and is not stored again; later attempts only try the direct path.
         unstored = [(row, wire) for row, wire in zip(rows, wires, strict=True) if row.state is not MessageState.STORED]
-        info = await self._prekey_info(peer) if acks or unstored else None
-        if info is not None:
+        mailbox = await self._mailbox_of(peer, probe=bool(acks) and not ack_wires) if acks or unstored else None
+        if mailbox is not None:
             if not ack_wires:
                 ack_wires = self._ack_wires(peer, acks)
-            replicas = await self._store_in_mailbox(info, [wire for _, wire in ack_wires] + [w for _, w in unstored])
+            replicas = await self._store_in_mailbox(
+                mailbox[0], [wire for _, wire in ack_wires] + [w for _, w in unstored], pairwise=mailbox[1]
+            )
             for (chunk, _), count in zip(ack_wires, replicas, strict=False):
                 if count > 0:
                     with self.db.transaction():
@@ -526,6 +556,8 @@ class Messenger:
                 current.answered,
             )
             self._save(peer, updated, previous)
+            # Before the message can leave: the peer may answer into our pairwise mailbox once it has it.
+            self.db.mark_wrote(peer, text=content.kind == ContentKind.TEXT)
         return encode(RatchetMessage(current.initial, ratchet.encode_header(header), ciphertext))
 
     def _decrypt(self, sender: bytes, message: RatchetMessage) -> Content:
@@ -636,6 +668,7 @@ class Messenger:
                 content = self._decrypt(sender, decode(RatchetMessage, wire))
                 text_id = content.message_id if content.kind == ContentKind.TEXT else None
                 self.db.take_wire(digest, sender, text_id, self.env.wall_time())
+                self.db.mark_heard(sender)
                 if contact is None:
                     self.db.set_contact(sender, None, ContactStatus.REQUEST, self.env.wall_time())
                 if content.kind == ContentKind.TEXT:
@@ -767,12 +800,39 @@ class Messenger:
         except ProtocolError:
             return None
 
-    async def _store_in_mailbox(self, info: PrekeyInfo, wires: list[bytes]) -> list[int]:
-        """Seal each wire to the peer's mailbox and append them all (one lookup); replicas per wire."""
-        key = mailbox_key(info.mailbox_key)
+    async def _mailbox_of(self, peer: bytes, *, probe: bool) -> tuple[bytes, bool] | None:
+        """The public key of the mailbox where *peer* takes our mail, and whether it is the pairwise one (None if
+        it cannot be found now).
+
+        The peer's pairwise mailbox for us once we have heard from it (it polls that mailbox from the moment it
+        wrote to us); before that its public mailbox, named in its prekey record.  The pairwise one needs no
+        lookup to be known; with *probe* (acknowledgements are to be encrypted for it) it is returned only if a
+        lookup of its DHT key reaches someone, since each encryption spends a ratchet key the peer must keep.
+        """
+        if self.db.heard_from(peer):
+            try:
+                mailbox = outbound_mailbox(self.identity, peer).public.key
+            except ProtocolError:  # not a usable curve point: then no session could have been made with it either
+                log.info("no pairwise mailbox with %s: its key is unusable", PublicIdentity(peer).address[:16])
+            else:
+                if probe:
+                    try:
+                        found = await self.dht.find_node(mailbox_key(mailbox))
+                    except P2PChatError:
+                        return None
+                    if not found.contacts:
+                        return None
+                return mailbox, True
+        info = await self._prekey_info(peer)
+        return None if info is None else (info.mailbox_key, False)
+
+    async def _store_in_mailbox(self, mailbox: bytes, wires: list[bytes], *, pairwise: bool) -> list[int]:
+        """Seal each wire to the mailbox with public key *mailbox* and append them all (one lookup); replicas per
+        wire."""
+        key = mailbox_key(mailbox)
         expires = entry_expiry(self.env.wall_time())
         entries = [
-            make_entry(key, envelope.seal(self.identity, info.mailbox_key, wire, self.env.random_bytes), expires)
+            make_entry(key, envelope.seal(self.identity, mailbox, wire, self.env.random_bytes), expires)
             for wire in wires
         ]
         try:
@@ -780,7 +840,10 @@ class Messenger:
         except P2PChatError as exc:
             log.info("could not store in a mailbox: %s", exc)
             return [0] * len(wires)
-        self.stats.stored_in_mailbox += sum(r.stored > 0 for r in results)
+        stored = sum(r.stored > 0 for r in results)
+        self.stats.stored_in_mailbox += stored
+        if pairwise:
+            self.stats.stored_in_pairwise_mailbox += stored
         return [r.stored for r in results]
 
     async def publish(self) -> None:
@@ -811,37 +874,90 @@ class Messenger:
                 # A one-time prekey was used: publish a bundle without it soon (batched: many may go at once).
                 await trio.sleep(PREKEY_REPUBLISH_DELAY)
 
-    async def fetch_mailbox(self) -> int:
-        """Fetch our mailbox now: take every new entry, then delete what was taken.  Returns entries taken."""
-        self.stats.mailbox_fetches += 1
-        result = await self.dht.fetch_mailbox(self.mailbox_key)
-        taken: list[bytes] = []
-        for entry in result.entries:
-            if self.db.entry_seen(entry.entry_id):
-                taken.append(entry.entry_id)
-                continue
+    def polled_peers(self) -> list[bytes]:
+        """The peers whose pairwise mailbox for us we poll, by key (the rule is in the module docstring)."""
+        polled = []
+        for peer, wrote_text in self.db.written_to():
+            contact = self.db.contact(peer)
+            status = None if contact is None else contact.status
+            if status is not ContactStatus.BLOCKED and (wrote_text or status is ContactStatus.CONTACT):
+                polled.append(peer)
+        return polled
+
+    def _mailboxes(self) -> list[tuple[Identity, bytes | None]]:
+        """Every mailbox we poll, with the one sender whose mail it may hold (None for the public mailbox)."""
+        mailboxes: list[tuple[Identity, bytes | None]] = [(self.mailbox, None)]
+        for peer in self.polled_peers():
             try:
-                sender, wire = envelope.open_envelope(self.mailbox, entry.payload)
-            except ProtocolError:
-                self.stats.dropped_undecryptable += 1
-                with self.db.transaction():
-                    self.db.mark_entry_seen(entry.entry_id, entry.expires_at)
-                taken.append(entry.entry_id)
+                mailboxes.append((inbound_mailbox(self.identity, peer), peer))
+            except ProtocolError:  # a key that is no curve point (typed in as a contact): no mail can come from it
                 continue
-            self._take(sender.key, wire, (entry.entry_id, float(entry.expires_at)))
-            taken.append(entry.entry_id)
-        await self._delete(taken)
+        return mailboxes
+
+    async def fetch_mailbox(self) -> int:
+        """Fetch our mailboxes now -- the public one and every polled pairwise one (:meth:`polled_peers`),
+        :data:`MAX_CONCURRENT_MAILBOX_FETCHES` at a time: take every new entry, then delete what was taken.
+
+        Returns the entries taken.  :class:`~p2pchat.errors.P2PChatError` if no mailbox could be fetched (the
+        DHT is out of reach); a mailbox that fails while others are fetched is counted and tried at the next fetch.
+        """
+        self.stats.mailbox_fetches += 1
+        mailboxes = self._mailboxes()
+        limiter = trio.CapacityLimiter(MAX_CONCURRENT_MAILBOX_FETCHES)
+        taken = 0
+        failures: list[P2PChatError] = []
+
+        async def fetch(mailbox: Identity, sender: bytes | None) -> None:
+            nonlocal taken
+            async with limiter:
+                try:
+                    taken += await self._fetch_one(mailbox, sender)
+                except P2PChatError as exc:
+                    self.stats.mailbox_fetch_failures += 1
+                    failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for mailbox, sender in mailboxes:
+                nursery.start_soon(fetch, mailbox, sender)
         wall = self.env.wall_time()
         with self.db.transaction():
             self.db.forget_seen_entries(wall)
             self.db.forget_taken_wires(wall - TAKEN_MEMORY)
             self.db.forget_initials(wall - TAKEN_MEMORY)
+        if len(failures) == len(mailboxes):
+            raise failures[0]
+        return taken
+
+    async def _fetch_one(self, mailbox: Identity, expected_sender: bytes | None) -> int:
+        """Fetch one mailbox, take its new entries and delete them; the entries taken."""
+        self.stats.mailboxes_fetched += 1
+        result = await self.dht.fetch_mailbox(mailbox_key(mailbox.public.key))
+        taken: list[bytes] = []
+        for entry in result.entries:
+            taken.append(entry.entry_id)
+            if self.db.entry_seen(entry.entry_id):
+                continue
+            try:
+                sender, wire = envelope.open_envelope(mailbox, entry.payload)
+            except ProtocolError:
+                self.stats.dropped_undecryptable += 1
+                sender, wire = None, b""
+            if sender is not None and expected_sender is not None and sender.key != expected_sender:
+                # Only the two who share a pairwise mailbox can seal to it; our own envelopes do not belong here.
+                self.stats.dropped_misaddressed += 1
+                sender = None
+            if sender is None:
+                with self.db.transaction():
+                    self.db.mark_entry_seen(entry.entry_id, entry.expires_at)
+                continue
+            self._take(sender.key, wire, (entry.entry_id, float(entry.expires_at)))
+        await self._delete(mailbox, taken)
         return len(taken)
 
-    async def _delete(self, entry_ids: Iterable[bytes]) -> None:
+    async def _delete(self, mailbox: Identity, entry_ids: Iterable[bytes]) -> None:
         ids = list(entry_ids)
         for start in range(0, len(ids), MAX_TOMBSTONE_IDS):
-            tombstone = sign_tombstone(self.mailbox, ids[start : start + MAX_TOMBSTONE_IDS], int(self.env.wall_time()))
+            tombstone = sign_tombstone(mailbox, ids[start : start + MAX_TOMBSTONE_IDS], int(self.env.wall_time()))
             with contextlib.suppress(P2PChatError):
                 await self.dht.delete_entries(tombstone)
 
