@@ -161,9 +161,11 @@ class Node:
         """The node's counts now (cheap enough for a status page: one pass over the store's keys)."""
         dht_ids = {contact.node_id for contact in self.dht.contacts()}
         lan_ids = {peer.node_id for peer in self.lan.peers.values()} if self.lan is not None else set()
-        own_mailbox = self.messenger.mailbox_key
+        own_mailboxes = self.messenger.own_mailbox_keys()
         held = list(self.store.keys())  # (space, key) pairs: the store is not a mapping
-        entries = sum(self.store.entry_count(key) for space, key in held if space is Space.ENTRY and key != own_mailbox)
+        entries = sum(
+            self.store.entry_count(key) for space, key in held if space is Space.ENTRY and key not in own_mailboxes
+        )
         records = sum(1 for space, _ in held if space is Space.RECORD)
         return NodeStatus(
             peers_known=len(dht_ids | lan_ids),

@@ -49,6 +49,7 @@ import trio
 
 from p2pchat.core import envelope, ratchet, x3dh
 from p2pchat.core.identity import Identity, PublicIdentity
+from p2pchat.core.ids import NodeId
 from p2pchat.core.messages import (
     MAX_ACKS_PER_MESSAGE,
     MAX_TEXT_BYTES,
@@ -893,6 +894,10 @@ class Messenger:
             except ProtocolError:  # a key that is no curve point (typed in as a contact): no mail can come from it
                 continue
         return mailboxes
+
+    def own_mailbox_keys(self) -> set[NodeId]:
+        """The DHT keys of every mailbox we poll (the public one first among them)."""
+        return {mailbox_key(mailbox.public.key) for mailbox, _ in self._mailboxes()}
 
     async def fetch_mailbox(self) -> int:
         """Fetch our mailboxes now -- the public one and every polled pairwise one (:meth:`polled_peers`),
