@@ -100,7 +100,8 @@ def summary_markdown(results: dict[str, Any], run: dict[str, Any], images: list[
     if msg["sent"]:
         lines.append(
             f"Messages: {msg['delivered']:,} of {msg['sent']:,} delivered ({msg['delivery_ratio']:.2%}): "
-            f"{msg['direct']:,} direct, {msg['mailbox']:,} via the mailbox; {msg['recipients_away']} of "
+            f"{msg['direct']:,} direct, {msg['mailbox']:,} via a mailbox ({msg['mailbox_public']:,} public, "
+            f"{msg['mailbox_pairwise']:,} pairwise); {msg['recipients_away']} of "
             f"{msg['pairs']} recipients were away once; of the {msg['while_away']['sent']:,} messages sent while "
             f"their recipient was away, {msg['while_away']['delivered']:,} arrived."
         )
@@ -108,8 +109,16 @@ def summary_markdown(results: dict[str, Any], run: dict[str, Any], images: list[
             if group in msg:
                 g = msg[group]
                 lines.append(
-                    f"Messages to {group} mailboxes: {g['delivered']:,} of {g['sent']:,} ({g['delivery_ratio']:.2%})."
+                    f"Messages to {group} recipients: {g['delivered']:,} of {g['sent']:,} ({g['delivery_ratio']:.2%}); "
+                    f"{g['mailbox_public']:,} through the public mailbox, {g['mailbox_pairwise']:,} through pairwise "
+                    "ones."
                 )
+        if "targeted" in msg:
+            lines.append(
+                "The Sybils aim at the public mailboxes (named in the prekey records); pairwise mailboxes, used once a "
+                "sender has heard from its recipient, are derived from a secret the two share and are out of their "
+                "reach."
+            )
     churn = results["churn"]
     if churn.get("churning_nodes"):
         lines.append(

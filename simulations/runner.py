@@ -182,6 +182,8 @@ class _Message:
     while_away: bool
     arrived_at: float | None = None
     path: str = ""
+    mailbox: str = ""
+    """Where it was stored, if it was: "public" (the recipient's mailbox named in its prekey record) or "pairwise"."""
     copies: int = 0
 
 
@@ -364,6 +366,9 @@ class _Run:
             self.net = net
             started = time.perf_counter()
             self._make_users()
+            # The Sybils aim at what an outsider can know: the public mailbox named in the recipient's prekey record.
+            # Pairwise mailboxes (what a sender uses once it has heard from its recipient) are derived from a
+            # secret the two share, so no id can be ground next to them.
             targeted_keys = [p.recipient.messenger.mailbox_key for p in self.pairs if p.targeted]
             self.population = _Population(s, targeted_keys)
             self._phase_done("plan (incl. grinding Sybil keys)", started)
@@ -672,6 +677,12 @@ class _Run:
         async for event in pair.sender.events:
             if isinstance(event, DeliveryUpdate) and event.state is MessageState.STORED:
                 self.mailbox_replicas.append(float(event.replicas))
+                message = self.messages.get(event.message_id)
+                if message is not None and not message.mailbox:
+                    # The sender picks the pairwise mailbox once it has heard from the recipient; the recipient is
+                    # away while its mail is stored, so this cannot have changed since the store.
+                    heard = pair.sender.db.heard_from(pair.recipient.key)
+                    message.mailbox = "pairwise" if heard else "public"
 
     # -- results
 
@@ -776,6 +787,8 @@ class _Run:
                 "lost": len(items) - len(arrived),
                 "direct": len(by_path["direct"]),
                 "mailbox": len(by_path["mailbox"]),
+                "mailbox_public": sum(x.mailbox == "public" for x in by_path["mailbox"]),
+                "mailbox_pairwise": sum(x.mailbox == "pairwise" for x in by_path["mailbox"]),
                 "other_path": len(by_path["other"]),
                 "received_more_than_once": sum(x.copies > 1 for x in items),
                 "latency_s": summarize(latency),
@@ -797,8 +810,11 @@ class _Run:
         out["definition"] = (
             "delivered: the recipient's IncomingMessage arrived (first copy counted). direct/mailbox: the sender's "
             "state for the message when it arrived ('sent' over a direct channel, or 'stored' in the mailbox and "
-            "not sent directly since). latency: virtual seconds from send to arrival. while_away: messages sent "
-            "while their recipient was offline (the mailbox path)."
+            "not sent directly since). mailbox_public/mailbox_pairwise: of those, stored in the recipient's public "
+            "mailbox (named in its prekey record: first contact) or in its pairwise mailbox for the sender (once the "
+            "sender has heard from the recipient; its DHT key cannot be computed by others). latency: virtual "
+            "seconds from send to arrival. while_away: messages sent while their recipient was offline (the mailbox "
+            "path)."
         )
         return out
 

@@ -67,6 +67,7 @@ def test_shipped_scenario_runs_small(name: str) -> None:
     msg = results["messaging"]
     assert msg["sent"] == scenario.messaging.pairs * scenario.messaging.messages_per_pair
     assert msg["delivered"] == msg["direct"] + msg["mailbox"] + msg["other_path"]
+    assert msg["mailbox"] == msg["mailbox_public"] + msg["mailbox_pairwise"]
     assert results["replicas"]["samples"], "replicas and storage are sampled"
     assert results["traffic"]["bytes_per_node_per_hour"]["count"] == scenario.nodes
     assert len(results["targets"]) == len(scenario.targets)
