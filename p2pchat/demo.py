@@ -5,8 +5,9 @@ that hold mail for others -- each with its own home in one temporary directory, 
 
 1. alice sends bob a message over a direct channel; bob's receipt comes back;
 2. bob's node stops (its sockets close, its databases are closed);
-3. alice sends again: the message is sealed to bob's mailbox and stored on the DHT nodes closest to the mailbox
-   key, and the transcript names them (it looks into every node's store);
+3. alice sends again: the message is sealed to bob's mailbox -- the pairwise one for alice's mail, since she has
+   heard from him -- and stored on the DHT nodes closest to the mailbox key, and the transcript names them (it
+   looks into every node's store);
 4. bob's node starts again from its home directory -- the key file and databases it left on disk -- fetches its
    mailbox, takes the message and deletes the entries;
 5. bob's receipt reaches alice: delivered.
@@ -36,6 +37,8 @@ import trio
 
 from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
+from p2pchat.core.pairwise import inbound_mailbox
+from p2pchat.core.records import mailbox_key
 from p2pchat.dht.node import DhtConfig, DhtNode
 from p2pchat.dht.store import Space, SqliteBackend, Store
 from p2pchat.env import Env
@@ -348,7 +351,8 @@ class _Demo:
         self.say.more(f"one encrypted channel alice<->bob; no DHT node saw it ({_count(direct, 'direct send')})")
 
         self.say.heading("2. bob goes offline")
-        bob_mailbox = bob.messenger.mailbox_key
+        # Alice has heard from bob (his receipt), so her mail goes to his pairwise mailbox for her.
+        bob_mailbox = mailbox_key(inbound_mailbox(bob.identity, alice.identity.public.key).public.key)
         await self._stop_bob(alice, bob, bob_running)
 
         self.say.heading("3. a message while bob is away")
@@ -468,8 +472,10 @@ class _Demo:
 
     def _show_holders(self, mailbox: NodeId) -> None:
         """Print which live nodes hold entries under *mailbox*, ranked by XOR distance to it."""
-        self.say.more(f"bob's mailbox key is {_short_id(mailbox)}: the hash of a mailbox public key whose private")
-        self.say.more("half only bob has.  The nodes closest to it (XOR distance) store the sealed entry:")
+        self.say.more(f"bob's mailbox for alice's mail has key {_short_id(mailbox)}: the hash of the public half of")
+        self.say.more("a key pair derived from a secret only alice and bob share, so no one else can compute it")
+        self.say.more("(mail from strangers goes to his public mailbox).  The nodes closest to it (XOR distance)")
+        self.say.more("store the sealed entry:")
         ranked = sorted(self.stores.items(), key=lambda item: item[1].own_id.distance(mailbox))
         holders: list[str] = []
         for rank, (name, store) in enumerate(ranked, 1):

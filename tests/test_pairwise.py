@@ -42,6 +42,18 @@ def test_it_matches_an_independent_derivation() -> None:
     assert pairwise_mailbox_seed(BOB, ALICE.public.key, recipient=BOB.public.key, sender=ALICE.public.key) == seed
 
 
+def test_known_answers_of_protocol_12_10() -> None:
+    # The identities of seeds 00x32 (Alice) and 01x32 (Bob), as in docs/protocol.md 12.10.
+    alice, bob = Identity.from_seed(bytes(32)), Identity.from_seed(b"\x01" * 32)
+    bobs = outbound_mailbox(alice, bob.public.key)
+    assert bobs.seed.hex() == "8453471b97b4f86f47d040e6842cdcf0e0da85ebd8e8c60c41c330878c28565a"
+    assert bobs.public.key.hex() == "4b5e60e543627e6f4f49c87a728c4337a54d2d06cd3c730fbe071ca02ba106fc"
+    assert mailbox_key(bobs.public.key).hex() == "18b191ed824ba540b5511c31e427eb01d4c5cee3"
+    alices = outbound_mailbox(bob, alice.public.key)
+    assert alices.seed.hex() == "ba711854be6ea90c37af45626b1dc81ce9d8d95039b9a84ccf0f2e7b540c44e4"
+    assert mailbox_key(alices.public.key).hex() == "8808332a62bad212c3665fe3a6e9c412b8385738"
+
+
 def test_each_direction_and_each_pair_has_its_own_mailbox() -> None:
     keys = {
         outbound_mailbox(ALICE, BOB.public.key).public.key,  # Bob's, from Alice
