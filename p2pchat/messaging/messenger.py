@@ -896,7 +896,7 @@ class Messenger:
         return mailboxes
 
     def own_mailbox_keys(self) -> set[NodeId]:
-        """The DHT keys of every mailbox we poll (the public one first among them)."""
+        """The DHT keys of every mailbox we poll: the public one and the pairwise ones of :meth:`polled_peers`."""
         return {mailbox_key(mailbox.public.key) for mailbox, _ in self._mailboxes()}
 
     async def fetch_mailbox(self) -> int:
@@ -948,7 +948,8 @@ class Messenger:
                 self.stats.dropped_undecryptable += 1
                 sender, wire = None, b""
             if sender is not None and expected_sender is not None and sender.key != expected_sender:
-                # Only the two who share a pairwise mailbox can seal to it; our own envelopes do not belong here.
+                # Only the peer and we can compute this mailbox's key, and we never write to it: anyone else who
+                # seals to it learned the key on a lookup path, and does not get to write where only the peer may.
                 self.stats.dropped_misaddressed += 1
                 sender = None
             if sender is None:
