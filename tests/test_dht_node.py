@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from p2pchat.core.ids import NodeId
+from p2pchat.core.lookup import DISJOINT_PATHS
 from p2pchat.core.routing import K
 from p2pchat.net.sim import open_sim_network
 
@@ -23,9 +24,13 @@ async def test_two_hundred_nodes_find_the_true_closest(autojump_clock: trio.test
         for _ in range(100):
             asker = nodes[rng.randrange(len(nodes))]
             target = NodeId(rng.randbytes(20))
-            result = await asker.find_node(target)
             expected = [i for i in true_closest(nodes, target, K + 1) if i != asker.node_id][:K]
-            assert [c.node_id for c in result.contacts] == expected
+            plain = await asker.find_node(target, paths=1)
+            assert [c.node_id for c in plain.contacts] == expected
+            # Disjoint paths return every path's k closest: the true k closest come first.
+            result = await asker.find_node(target)
+            assert [c.node_id for c in result.contacts][:K] == expected
+            assert len(result.contacts) <= DISJOINT_PATHS * K
             hops.append(result.hops)
         hops.sort()
         assert hops[len(hops) // 2] <= 3

@@ -11,16 +11,23 @@ The DHT shell drives a :class:`Lookup` like this::
         lookup.on_wire_reply(node_id, infos)        # or: the reply's contacts as decoded (see WireContact)
         lookup.on_value(node_id, contacts)          # the node also holds a value for the target
         lookup.on_failure(node_id)                  # timeout, garbage, wrong identity
+        lookup.on_slow(node_id)                     # overdue (soft timeout): ask someone else meanwhile
     closest = lookup.result()                        # the k closest nodes that answered, closest first
 
-A lookup is done when the k closest candidates that have not failed have all answered, or nothing is left to
-ask.  Everything a remote peer can influence is bounded: a reply adds at most :data:`MAX_CONTACTS_PER_REPLY`
-contacts, the candidate set keeps only the :data:`MAX_CANDIDATES_PER_K` ``* k`` closest, replies are taken only
-from nodes asked and still in flight, and each candidate is retried at a different address at most once (so a
+A lookup is done when the k closest candidates that have not failed (and are not overdue) have all answered, or
+nothing is left to ask.  A request past its soft timeout (:meth:`Lookup.on_slow`) stops counting against alpha and
+the lookup moves on to the next candidate, as libtorrent and OpenDHT do: a silent node then costs a soft timeout,
+not a whole request timeout, while its late reply is still taken.
+
+Everything a remote peer can influence is bounded: a reply adds at most :data:`MAX_CONTACTS_PER_REPLY` contacts,
+the candidate set keeps only the :data:`MAX_CANDIDATES_PER_K` ``* k`` closest, replies are taken only from nodes
+asked and still in flight (or overdue), and each candidate is retried at a different address at most once (so a
 liar who hands out a real node id with a false address cannot hide that node from us).
 
 :class:`DisjointLookup` runs :data:`DISJOINT_PATHS` lookups side by side that never ask the same node (S/Kademlia),
-so a few hostile nodes on one path cannot steer the whole result.
+so a few hostile nodes on one path cannot steer the whole result; :meth:`DisjointLookup.union` is what every path
+found (a Sybil cluster closer to the key than any honest node fills the k closest overall, but each path's own k
+reach past the Sybils that path claimed).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ __all__ = [
     "MAX_ADDRESSES_PER_CANDIDATE",
     "MAX_CANDIDATES_PER_K",
     "MAX_CONTACTS_PER_REPLY",
+    "MAX_UNANSWERED_REFERRALS",
     "Candidate",
     "CandidateState",
     "ContactLike",
@@ -67,6 +75,12 @@ MAX_CANDIDATES_PER_K: Final = 8
 
 MAX_ADDRESSES_PER_CANDIDATE: Final = 2
 """Addresses a candidate is tried at: a failed candidate is asked again if a reply names it at a new address."""
+
+MAX_UNANSWERED_REFERRALS: Final = 3
+"""Nodes one reply named that may fail (or be overdue) with none of them answering before the lookup drops the
+rest of what that reply named.  *Why:* a liar who names fabricated nodes next to the target, at addresses where
+nobody answers, otherwise costs a timeout per fabrication -- closer than any real node, every one is asked first.
+An honest node's referrals include dead nodes now and then, but not three with no live one among them before."""
 
 
 class ContactLike(Protocol):
@@ -107,9 +121,13 @@ class CandidateState(enum.Enum):
     ANSWERED = "answered"
     """Replied."""
     FAILED = "failed"
-    """Timed out or answered garbage."""
+    """Timed out or answered garbage -- or never asked, dropped with the rest of what a failing referrer named
+    (``addresses_tried`` is then 0; see :data:`MAX_UNANSWERED_REFERRALS`)."""
     TAKEN = "taken"
     """Asked by another path of the same :class:`DisjointLookup`, so this path will not use it."""
+    SLOW = "slow"
+    """Asked, and overdue (past its soft timeout): a reply is still taken, but it no longer counts in flight, so
+    the lookup asks someone else meanwhile and does not wait for it to finish."""
 
 
 # Module-level names: enum member lookups through the class cost a dictionary walk in the hot loops.
@@ -118,6 +136,7 @@ _IN_FLIGHT: Final = CandidateState.IN_FLIGHT
 _ANSWERED: Final = CandidateState.ANSWERED
 _FAILED: Final = CandidateState.FAILED
 _TAKEN: Final = CandidateState.TAKEN
+_SLOW: Final = CandidateState.SLOW
 
 
 class Candidate:
@@ -128,9 +147,22 @@ class Candidate:
     Read-only outside the lookup.
     """
 
-    __slots__ = ("address", "addresses_tried", "depth", "distance", "has_value", "node_id", "state")
+    __slots__ = (
+        "address",
+        "addresses_tried",
+        "depth",
+        "distance",
+        "has_value",
+        "node_id",
+        "referrals_answered",
+        "referrals_failed",
+        "referrer",
+        "state",
+    )
 
-    def __init__(self, node_id: NodeId, address: Address, distance: int, depth: int) -> None:
+    def __init__(
+        self, node_id: NodeId, address: Address, distance: int, depth: int, referrer: Candidate | None = None
+    ) -> None:
         self.node_id = node_id
         self.address = address
         self.distance = distance
@@ -138,6 +170,12 @@ class Candidate:
         self.state = _UNASKED
         self.has_value = False
         self.addresses_tried = 1
+        self.referrer = referrer
+        """The candidate whose reply first named this one (``None`` for a seed)."""
+        self.referrals_answered = 0
+        """Candidates this one's reply first named that answered."""
+        self.referrals_failed = 0
+        """Candidates this one's reply first named that failed or were overdue."""
 
     def __repr__(self) -> str:
         return f"Candidate({self.node_id!r}, {self.address}, depth={self.depth}, {self.state.value})"
@@ -233,7 +271,8 @@ class Lookup:
 
     @property
     def done(self) -> bool:
-        """Whether the k closest candidates that have not failed have all answered (or nobody is left to ask)."""
+        """Whether the k closest candidates that have not failed and are not overdue have all answered (or nobody is
+        left to ask)."""
         if self._finished:
             return True
         live = 0
@@ -269,6 +308,10 @@ class Lookup:
                     break
         return out
 
+    def union(self) -> list[Candidate]:
+        """What the lookup found, for callers that also drive a :class:`DisjointLookup`: here, :meth:`result`."""
+        return self.result()
+
     def value_holders(self) -> list[Candidate]:
         """The candidates that answered with a value, closest first."""
         return [c for c in self._sorted if c.has_value]
@@ -290,7 +333,7 @@ class Lookup:
         live = 0
         for c in self._sorted:
             state = c.state
-            if state is _FAILED or state is _TAKEN:
+            if state is _FAILED or state is _TAKEN or state is _SLOW:
                 continue
             if state is _UNASKED:
                 if self._claim_fails(c):
@@ -314,7 +357,7 @@ class Lookup:
         asking them alpha at a time would only add round trips."""
         for c in self._sorted:
             state = c.state
-            if state is _FAILED or state is _TAKEN:
+            if state is _FAILED or state is _TAKEN or state is _SLOW:
                 continue
             return state is _ANSWERED
         return False
@@ -331,7 +374,7 @@ class Lookup:
             return False
         depth = c.depth + 1
         for contact_id, address in itertools.islice(contacts, MAX_CONTACTS_PER_REPLY):
-            self._learn(contact_id, address, depth)
+            self._learn(contact_id, address, depth, c)
         return True
 
     def on_wire_reply(self, node_id: NodeId, contacts: Sequence[WireContact], *, has_value: bool = False) -> bool:
@@ -350,19 +393,25 @@ class Lookup:
             known = by_id.get(raw)
             if known is None:
                 if raw != self._own_bytes:
-                    self._learn_new(NodeId(raw), raw, make_address(info.host, info.port), depth)
+                    self._learn_new(NodeId(raw), raw, make_address(info.host, info.port), depth, c)
             else:
                 known.depth = min(known.depth, depth)
                 if known.state is _FAILED and known.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
-                    self._retry_at(known, make_address(info.host, info.port))
+                    self._retry_at(known, make_address(info.host, info.port), c)
         return True
 
     def _answered(self, node_id: NodeId, has_value: bool) -> Candidate | None:
         c = self._by_id.get(node_id.bytes)
-        if c is None or c.state is not _IN_FLIGHT:
+        if c is None:
+            return None
+        state = c.state
+        if state is _IN_FLIGHT:
+            self._in_flight -= 1
+        elif state is not _SLOW:
             return None
         c.state = _ANSWERED
-        self._in_flight -= 1
+        if c.referrer is not None:
+            c.referrer.referrals_answered += 1
         if has_value:
             c.has_value = True
             self.value_found = True
@@ -377,11 +426,43 @@ class Lookup:
     def on_failure(self, node_id: NodeId) -> bool:
         """Record that *node_id* timed out or answered garbage; returns ``False`` if it was not in flight."""
         c = self._by_id.get(node_id.bytes)
-        if c is None or c.state is not _IN_FLIGHT:
+        if c is None:
+            return False
+        state = c.state
+        if state is _IN_FLIGHT:
+            self._in_flight -= 1
+            self._blame(c)  # (an overdue one was blamed when it became overdue)
+        elif state is not _SLOW:
             return False
         c.state = _FAILED
-        self._in_flight -= 1
         return True
+
+    def on_slow(self, node_id: NodeId) -> bool:
+        """Record that *node_id*'s reply is overdue (its soft timeout passed): it stops counting against alpha and
+        the lookup's window moves past it, but its reply is still taken until :meth:`on_failure`.  Returns
+        ``False`` if it was not in flight."""
+        c = self._by_id.get(node_id.bytes)
+        if c is None or c.state is not _IN_FLIGHT:
+            return False
+        c.state = _SLOW
+        self._in_flight -= 1
+        self._blame(c)
+        return True
+
+    def _blame(self, c: Candidate) -> None:
+        """*c* failed or is overdue: count it against the node that named it, and once that node has named
+        :data:`MAX_UNANSWERED_REFERRALS` such nodes and no live one, drop the rest it named that are still
+        unasked (they fail as if asked; a reply naming one at another address gives it its second chance)."""
+        referrer = c.referrer
+        if referrer is None:
+            return
+        referrer.referrals_failed += 1
+        if referrer.referrals_failed != MAX_UNANSWERED_REFERRALS or referrer.referrals_answered:
+            return
+        for other in self._sorted:
+            if other.referrer is referrer and other.state is _UNASKED:
+                other.state = _FAILED
+                other.addresses_tried = 0  # never asked: a reply from another node that names it revives it
 
     def finish(self) -> None:
         """Stop: :attr:`done` becomes true and nothing more is asked (replies in flight are still accepted)."""
@@ -399,7 +480,7 @@ class Lookup:
         del node_id
         return False
 
-    def _learn(self, node_id: NodeId, address: Address, depth: int) -> None:
+    def _learn(self, node_id: NodeId, address: Address, depth: int, referrer: Candidate | None = None) -> None:
         if node_id.int == self._own:
             return
         raw = node_id.bytes
@@ -407,26 +488,34 @@ class Lookup:
         if c is not None:
             c.depth = min(c.depth, depth)
             if c.state is _FAILED and c.addresses_tried < MAX_ADDRESSES_PER_CANDIDATE:
-                self._retry_at(c, address)
+                self._retry_at(c, address, referrer)
             return
-        self._learn_new(node_id, raw, address, depth)
+        self._learn_new(node_id, raw, address, depth, referrer)
 
     @staticmethod
-    def _retry_at(c: Candidate, address: Address) -> None:
-        if address != c.address:
+    def _retry_at(c: Candidate, address: Address, referrer: Candidate | None) -> None:
+        if c.addresses_tried == 0:
+            # Dropped unasked with the rest of a failing referrer's referrals (see _blame); another node names it.
+            c.address = address
+            c.addresses_tried = 1
+            c.referrer = referrer
+            c.state = _UNASKED
+        elif address != c.address:
             # Someone may have handed us a false address for a real node; give the other one a chance.
             c.address = address
             c.addresses_tried += 1
             c.state = _UNASKED
 
-    def _learn_new(self, node_id: NodeId, raw: bytes, address: Address, depth: int) -> None:
+    def _learn_new(
+        self, node_id: NodeId, raw: bytes, address: Address, depth: int, referrer: Candidate | None = None
+    ) -> None:
         distance = node_id.int ^ self._target
         ranked = self._sorted
         if len(ranked) >= self.max_candidates and distance >= ranked[-1].distance:
             return
         if self._rejects(node_id):
             return
-        c = Candidate(node_id, address, distance, depth)
+        c = Candidate(node_id, address, distance, depth, referrer)
         self._by_id[raw] = c
         bisect.insort(ranked, c, key=_by_distance)
         if len(ranked) > self.max_candidates:
@@ -454,11 +543,22 @@ class _DisjointPath(Lookup):
         alpha: int,
         own_id: NodeId | None,
         stop_at_first_value: bool,
+        final_round: bool,
+        make_address: Callable[[str, int], Address] | None,
     ) -> None:
         # Set before the base class learns the seeds, which asks _rejects.
         self._claims = claims
         self._index = index
-        super().__init__(target, seeds, k=k, alpha=alpha, own_id=own_id, stop_at_first_value=stop_at_first_value)
+        super().__init__(
+            target,
+            seeds,
+            k=k,
+            alpha=alpha,
+            own_id=own_id,
+            stop_at_first_value=stop_at_first_value,
+            final_round=final_round,
+            make_address=make_address,
+        )
 
     def _claim_fails(self, candidate: Candidate) -> bool:
         owner = self._claims.setdefault(candidate.node_id, self._index)
@@ -477,8 +577,8 @@ class DisjointLookup:
 
     The seeds, ranked by distance, are dealt to the paths in turn.  A node is asked by at most one path: the
     first path that asks it claims it, and the others skip it.  Each path keeps its own alpha requests in
-    flight and runs until its own k closest have answered; the result is the k closest answered over all paths.
-    ``paths`` holds the per-path lookups, for introspection.
+    flight and runs until its own k closest have answered; :meth:`result` is the k closest answered over all paths,
+    :meth:`union` every path's k closest.  ``paths`` holds the per-path lookups, for introspection.
     """
 
     __slots__ = ("_claims", "k", "paths", "target")
@@ -493,6 +593,8 @@ class DisjointLookup:
         alpha: int = ALPHA,
         own_id: NodeId | None = None,
         stop_at_first_value: bool = False,
+        final_round: bool = True,
+        make_address: Callable[[str, int], Address] | None = None,
     ) -> None:
         if paths < 1:
             raise ValueError(f"a disjoint lookup needs at least one path, got {paths}")
@@ -515,6 +617,8 @@ class DisjointLookup:
                 alpha=alpha,
                 own_id=own_id,
                 stop_at_first_value=stop_at_first_value,
+                final_round=final_round,
+                make_address=make_address,
             )
             for i in range(paths)
         ]
@@ -551,6 +655,18 @@ class DisjointLookup:
         merged.sort(key=_by_distance)
         return merged[: self.k]
 
+    def union(self) -> list[Candidate]:
+        """Every path's k closest that answered, merged, closest first (at most ``paths * k``; no node twice, since
+        no node is asked by two paths).
+
+        This, not :meth:`result`, is what a lookup under attack should use: a cluster of ids ground next to the
+        target fills the k closest overall, but each path keeps k of its own, and a path the cluster did not
+        capture ends in the honest neighbourhood -- so the closest honest node is here if any path reached it.
+        """
+        merged = [c for p in self.paths for c in p.result()]
+        merged.sort(key=_by_distance)
+        return merged
+
     def value_holders(self) -> list[Candidate]:
         """The nodes that answered with a value on any path, closest first."""
         merged = [c for p in self.paths for c in p.value_holders()]
@@ -568,6 +684,11 @@ class DisjointLookup:
         path = self._path_of(node_id)
         return path is not None and path.on_reply(node_id, contacts, has_value=has_value)
 
+    def on_wire_reply(self, node_id: NodeId, contacts: Sequence[WireContact], *, has_value: bool = False) -> bool:
+        """Pass a reply's contacts as decoded to the path that asked *node_id* (needs ``make_address``)."""
+        path = self._path_of(node_id)
+        return path is not None and path.on_wire_reply(node_id, contacts, has_value=has_value)
+
     def on_value(self, node_id: NodeId, contacts: Iterable[tuple[NodeId, Address]] = ()) -> bool:
         """Pass a reply carrying a value to the path that asked *node_id*."""
         return self.on_reply(node_id, contacts, has_value=True)
@@ -576,6 +697,11 @@ class DisjointLookup:
         """Pass a failure to the path that asked *node_id*; ``False`` if no path did."""
         path = self._path_of(node_id)
         return path is not None and path.on_failure(node_id)
+
+    def on_slow(self, node_id: NodeId) -> bool:
+        """Tell the path that asked *node_id* that its reply is overdue; ``False`` if no path has it in flight."""
+        path = self._path_of(node_id)
+        return path is not None and path.on_slow(node_id)
 
     def finish(self) -> None:
         """Stop every path."""

@@ -11,7 +11,15 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Final
 
-__all__ = ["INITIAL_RTO", "MAX_RTO", "MIN_RTO", "RTT_PEERS_REMEMBERED", "RttEstimator", "TimeoutPolicy"]
+__all__ = [
+    "INITIAL_RTO",
+    "MAX_RTO",
+    "MIN_RTO",
+    "RTT_PEERS_REMEMBERED",
+    "SOFT_TIMEOUT_SHARE",
+    "RttEstimator",
+    "TimeoutPolicy",
+]
 
 INITIAL_RTO: Final = 1.0
 """Timeout before anything was measured (seconds); also the default ceiling, as the DHT issue asks."""
@@ -21,8 +29,14 @@ MAX_RTO: Final = 1.0
 
 MIN_RTO: Final = 0.25
 """Shortest timeout (seconds).  A lookup gives up on a node at its timeout, so a timeout shorter than the
-slowest honest round trip loses answers; until lookups learn to widen instead of giving up (a soft timeout),
-this stays well above WAN jitter."""
+slowest honest round trip loses answers; this stays well above WAN jitter, and lookups stop waiting earlier
+with the soft timeout (:data:`SOFT_TIMEOUT_SHARE`) instead."""
+
+SOFT_TIMEOUT_SHARE: Final = 0.5
+"""A lookup request still unanswered after this share of its timeout is *overdue*: the lookup asks the next
+candidate in its place (libtorrent's and OpenDHT's "short timeout") but still takes a late reply until the
+timeout itself.  Half the timeout is still above the round trip the estimator expects (srtt + 4 rttvar, at least
+:data:`MIN_RTO`), so honest nodes are rarely overdue, while a silent one holds a lookup slot half as long."""
 
 RTT_PEERS_REMEMBERED: Final = 1024
 """Peers whose own round-trip estimates are kept (least recently used forgotten)."""
@@ -89,6 +103,11 @@ class TimeoutPolicy:
                 return min(INITIAL_RTO, self.max_rto)
             return min(self.max_rto, max(self.min_rto, 2 * overall.rto(self.min_rto, self.max_rto)))
         return estimator.rto(self.min_rto, self.max_rto)
+
+    def soft_timeout(self, peer: Hashable) -> float:
+        """After how long a lookup stops waiting for ``peer``'s reply (while still taking it until
+        :meth:`timeout`)."""
+        return SOFT_TIMEOUT_SHARE * self.timeout(peer)
 
     def __len__(self) -> int:
         return len(self._peers)

@@ -29,7 +29,7 @@ import trio
 
 from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
-from p2pchat.core.lookup import ALPHA, Candidate, Lookup
+from p2pchat.core.lookup import ALPHA, DISJOINT_PATHS, Candidate, DisjointLookup, Lookup
 from p2pchat.core.nodecert import CERT_REISSUE_AFTER, CertCache, NodeCert, issue_cert
 from p2pchat.core.packets import (
     MAX_ENTRY_IDS_PER_REPLY,
@@ -87,6 +87,7 @@ from p2pchat.net.base import Address
 
 __all__ = [
     "BOOTSTRAP_ATTEMPTS",
+    "EXTRA_REPLICAS_PER_K",
     "FETCH_WINDOW",
     "HANDOVER_INTERVAL",
     "LIVENESS_QUEUE_SIZE",
@@ -146,6 +147,10 @@ SERVED_KEYS_REMEMBERED: Final = 64
 """Keys whose closest contacts, as named in this node's last FindValue answer, are kept for the store that
 usually follows (it needs them for hand-over bookkeeping); the oldest is forgotten first."""
 
+EXTRA_REPLICAS_PER_K: Final = 1
+"""After a disjoint lookup, a put also stores at this many times k nodes beyond the k closest (see
+:meth:`DhtNode._replica_set`)."""
+
 MAX_HANDED_PER_KEY: Final = 2 * K
 """Nodes remembered per key as already holding it (the k closest, and some that were)."""
 
@@ -171,6 +176,13 @@ class DhtConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     compat: bool = True
     """Serve ``kademlia``-package peers (rpcudp) on the same socket."""
+    disjoint_paths: int = DISJOINT_PATHS
+    """Disjoint paths (S/Kademlia's d) of the lookups a Sybil cluster can hurt: :meth:`DhtNode.find_node`, gets,
+    puts, mailbox appends, fetches and deletes.  1 is a plain Kademlia lookup (for comparison)."""
+
+    def __post_init__(self) -> None:
+        if self.disjoint_paths < 1:
+            raise ValueError(f"disjoint_paths must be at least 1, got {self.disjoint_paths}")
 
     @classmethod
     def single_host(cls, **changes: object) -> DhtConfig:
@@ -184,7 +196,8 @@ class DhtConfig:
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
-    """What an iterative lookup found, and what it cost."""
+    """What an iterative lookup found, and what it cost: ``contacts`` are the k closest nodes that answered, or
+    with disjoint paths every path's k closest, merged (see :meth:`DisjointLookup.union`), closest first."""
 
     contacts: list[Candidate]
     hops: int
@@ -237,17 +250,28 @@ class _Fetched:
 
 
 class _LookupRun:
-    """Drives one :class:`Lookup` from reply callbacks, which run in the transport's receive loop: each reply is
-    checked and handed to the lookup, and the next requests go out at once.  ``finished`` is set when the lookup
-    is done.  (An object rather than closures: closures that call each other form a reference cycle, which only
-    the garbage collector frees.)"""
+    """Drives one :class:`Lookup` or :class:`DisjointLookup` from reply callbacks, which run in the transport's
+    receive loop: each reply is checked and handed to the lookup, and the next requests go out at once; a request
+    past its soft timeout is reported overdue, so the lookup asks the next candidate meanwhile.  ``finished`` is
+    set when the lookup is done.  (An object rather than closures: closures that call each other form a reference
+    cycle, which only the garbage collector frees.)"""
 
-    __slots__ = ("_in_flight", "_lookup", "_node", "_on_answer", "_reply_type", "_request_for", "closed", "finished")
+    __slots__ = (
+        "_in_flight",
+        "_lookup",
+        "_node",
+        "_on_answer",
+        "_reply_type",
+        "_request_for",
+        "_slow",
+        "closed",
+        "finished",
+    )
 
     def __init__(
         self,
         node: DhtNode,
-        lookup: Lookup,
+        lookup: Lookup | DisjointLookup,
         request_for: Callable[[bytes], Packet],
         reply_type: type[Nodes] | type[Found],
         on_answer: Callable[[Candidate, Nodes | Found], None] | None,
@@ -257,24 +281,32 @@ class _LookupRun:
         self._request_for = request_for
         self._reply_type = reply_type
         self._on_answer = on_answer
-        self._in_flight: dict[NodeId, PendingKey] = {}
+        # Keyed by the request, not the node: a candidate dropped from a full candidate set while overdue may be
+        # learned and asked again while its first request is still pending.
+        self._in_flight: set[PendingKey] = set()
+        self._slow: set[PendingKey] = set()
         self.finished = trio.Event()
         self.closed = False
 
     def ask_more(self) -> None:
         """Send what the lookup wants asked now; set ``finished`` if it is done (or the transport has stopped:
         then ``closed`` is set)."""
+        if self.finished.is_set():
+            return
         lookup = self._lookup
         transport = self._node.transport
         again = True
         while again:
             again = False
             for candidate in lookup.next_requests():
+                txid = transport.new_txid()
+                key = (txid, candidate.address)
                 try:
-                    self._in_flight[candidate.node_id] = transport.send_request(
-                        self._request_for(transport.new_txid()),
+                    transport.send_request(
+                        self._request_for(txid),
                         candidate.address,
-                        functools.partial(self._answered, candidate),
+                        functools.partial(self._answered, candidate, key),
+                        on_slow=functools.partial(self._overdue, candidate, key),
                     )
                 except P2PChatError as exc:  # too many requests in flight, or a refused destination
                     log.debug("lookup request to %s failed: %s", candidate.address, exc)
@@ -285,20 +317,41 @@ class _LookupRun:
                     self.closed = True
                     lookup.on_failure(candidate.node_id)
                     lookup.finish()
+                else:
+                    self._in_flight.add(key)
         if lookup.done:
             self.finished.set()
 
     def cancel(self) -> None:
-        """Withdraw the requests still in flight."""
+        """Withdraw every request still in flight."""
         transport = self._node.transport
-        for key in self._in_flight.values():
+        for key in self._in_flight:
             transport.cancel(key)
         self._in_flight.clear()
+        self._slow.clear()
 
-    def _answered(self, candidate: Candidate, reply: Packet | None) -> None:
+    def detach(self) -> None:
+        """The lookup is over: withdraw the requests still in flight, except overdue ones, which are left to
+        settle so that a silent node is still reported to the routing table when its request times out (a lookup
+        that waited for it would have done so)."""
+        transport = self._node.transport
+        for key in self._in_flight - self._slow:
+            transport.cancel(key)
+        self._in_flight &= self._slow
+
+    def _overdue(self, candidate: Candidate, key: PendingKey) -> None:
+        if self.finished.is_set() or key not in self._in_flight:
+            return
+        self._slow.add(key)
+        if self._lookup.on_slow(candidate.node_id):
+            self.ask_more()
+
+    def _answered(self, candidate: Candidate, key: PendingKey, reply: Packet | None) -> None:
         node = self._node
         node_id = candidate.node_id
-        del self._in_flight[node_id]
+        self._in_flight.discard(key)
+        self._slow.discard(key)
+        over = self.finished.is_set()
         try:
             if reply is None:
                 raise RequestTimeoutError(f"no reply from {candidate.address} in time")
@@ -308,11 +361,15 @@ class _LookupRun:
         except (RequestTimeoutError, ProtocolError) as exc:
             log.debug("lookup request to %s failed: %s", candidate.address, exc)
             node._failed(node_id, candidate.address)
-            self._lookup.on_failure(node_id)
+            if not over:
+                self._lookup.on_failure(node_id)
         else:
-            if self._on_answer is not None:
-                self._on_answer(candidate, reply)
-            self._lookup.on_wire_reply(node_id, reply.nodes)
+            # Once the lookup is over, a late reply only tells the routing table the node is alive (above): what
+            # the caller has read from the lookup must not change under it.
+            if not over:
+                if self._on_answer is not None:
+                    self._on_answer(candidate, reply)
+                self._lookup.on_wire_reply(node_id, reply.nodes)
         self.ask_more()
 
 
@@ -527,7 +584,7 @@ class DhtNode:
             for slot_key in [k for k in self._handed if k not in held]:
                 del self._handed[slot_key]
             for target in self.routing.stale_buckets(now, self.env.rng):
-                await self.find_node(target)
+                await self.find_node(target, paths=1)
             if self._neighbourhood_changed and now - last_handover >= HANDOVER_INTERVAL:
                 self._neighbourhood_changed = False
                 last_handover = now
@@ -761,38 +818,64 @@ class DhtNode:
         request_for: Callable[[bytes], Packet],
         reply_type: type[Nodes] | type[Found],
         on_answer: Callable[[Candidate, Nodes | Found], None] | None = None,
-    ) -> Lookup:
-        """Run a lookup for *target*, asking with ``request_for(txid)``; ``on_answer`` sees every valid Found.
+        *,
+        paths: int = 1,
+    ) -> Lookup | DisjointLookup:
+        """Run a lookup for *target* over *paths* disjoint paths, asking with ``request_for(txid)``; ``on_answer``
+        sees every valid Found.
 
         Replies are handled as they arrive, in the transport's receive loop, which also sends the next requests:
-        the lookup costs this task one wait, not a task and a cancel scope per request.
+        the lookup costs this task one wait, not a task and a cancel scope per request, whatever the paths.
         """
-        seeds = self.routing.closest(target, self.k)
-        if len(seeds) < self.k:
+        # Each disjoint path starts from k seeds of its own.  *Why:* replies near the target all name the same
+        # k closest nodes, so paths dealt k seeds between them ran out of nodes to ask and each reached barely
+        # past its share of those; a delete then missed copies that a put from farther away had placed.
+        wanted = self.k * paths
+        seeds = self.routing.closest(target, wanted)
+        if len(seeds) < wanted:
             # Too few contacts in good standing -- typically after this node was offline itself and every request
             # failed.  Contacts that failed lately are better seeds than none; the lookup sorts them out.
             seen = {c.node_id for c in seeds}
-            seeds += [c for c in self.routing.closest(target, self.k, exclude_failing=False) if c.node_id not in seen]
-            seeds = seeds[: self.k]
-        lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
+            seeds += [c for c in self.routing.closest(target, wanted, exclude_failing=False) if c.node_id not in seen]
+            seeds = seeds[:wanted]
+        lookup: Lookup | DisjointLookup
+        if paths == 1:
+            lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
+        else:
+            lookup = DisjointLookup(
+                target, seeds, paths=paths, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address
+            )
         self.routing.touch_bucket(target, trio.current_time())
         run = _LookupRun(self, lookup, request_for, reply_type, on_answer)
         run.ask_more()
         try:
             await run.finished.wait()
-        finally:
+        except BaseException:
             run.cancel()
+            raise
+        run.detach()
         if run.closed:
             raise trio.ClosedResourceError("the DHT node's transport has stopped")
         return lookup
 
-    async def find_node(self, target: NodeId) -> LookupResult:
-        """Iteratively find the k nodes closest to ``target`` that answer."""
-        sender, raw = self._sender(), target.bytes
-        lookup = await self._iterate(target, lambda txid: FindNode(txid, sender, raw), Nodes)
-        return LookupResult(lookup.result(), lookup.hops, lookup.rpcs)
+    async def find_node(self, target: NodeId, *, paths: int | None = None) -> LookupResult:
+        """Iteratively find the k nodes closest to ``target`` that answer, over ``paths`` disjoint paths (default:
+        the configured :attr:`DhtConfig.disjoint_paths`; then every path's k closest are returned, merged).
 
-    async def _find_value(self, key: NodeId, space: LookupSpace) -> tuple[Lookup, _Fetched]:
+        Bucket refresh and bootstrap ask with ``paths=1``: they look for contacts to fill the routing table, which
+        admits a contact only once it has proved its id and keeps per-subnet limits, so a liar on the single path
+        costs at worst a less useful refresh -- not worth three times the requests on every refresh.
+        """
+        sender, raw = self._sender(), target.bytes
+        lookup = await self._iterate(
+            target,
+            lambda txid: FindNode(txid, sender, raw),
+            Nodes,
+            paths=self.config.disjoint_paths if paths is None else paths,
+        )
+        return LookupResult(lookup.union(), lookup.hops, lookup.rpcs)
+
+    async def _find_value(self, key: NodeId, space: LookupSpace) -> tuple[Lookup | DisjointLookup, _Fetched]:
         fetched = _Fetched()
         replies = fetched.replies
         sender, raw, number = self._sender(), key.bytes, int(space)
@@ -801,7 +884,9 @@ class DhtNode:
             assert isinstance(reply, Found)  # the lookup checked the reply type
             replies[candidate.node_id] = (candidate, reply)
 
-        lookup = await self._iterate(key, lambda txid: FindValue(txid, sender, raw, number), Found, keep)
+        lookup = await self._iterate(
+            key, lambda txid: FindValue(txid, sender, raw, number), Found, keep, paths=self.config.disjoint_paths
+        )
         return lookup, fetched
 
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
@@ -832,7 +917,7 @@ class DhtNode:
         if answered:
             # Our own neighbourhood; farther buckets fill from the traffic that follows and from refreshes.  (Looking
             # up every far bucket at once cost ~150 requests per join and made a growing network's joins quadratic.)
-            await self.find_node(self.node_id)
+            await self.find_node(self.node_id, paths=1)
         return answered
 
     # --- parts -----------------------------------------------------------------------------------------------
@@ -942,15 +1027,24 @@ class DhtNode:
             return True
         return self.node_id.distance(key) < others[-1].node_id.distance(key)
 
-    def _replica_set(self, key: NodeId, closest: list[Candidate]) -> tuple[list[Candidate], bool]:
-        """The k closest nodes to *key* counting this one: the other nodes to store at, and whether to store here.
+    def _replica_set(self, key: NodeId, lookup: Lookup | DisjointLookup) -> tuple[list[Candidate], bool]:
+        """Where to store under *key*: the other nodes, closest first, and whether to store here too.
 
-        Storing at k others *and* here made k + 1 copies, one beyond the k closest a later delete reaches, which
-        then lingered until it expired.
+        The k closest nodes counting this one (storing at k others *and* here made k + 1 copies, one beyond the k
+        closest a later delete reaches, which then lingered until it expired).  After a disjoint lookup, also the
+        next :data:`EXTRA_REPLICAS_PER_K` ``* k`` closest of what all paths found (S/Kademlia stores along the
+        disjoint paths).  *Why:* ids ground next to the key fill the k closest overall -- and the top of every
+        path, since honest nodes name them too -- and then drop what they are given; the next k are the honest
+        neighbourhood, which a disjoint get reaches.  That costs k more copies in an honest network.  The closest
+        of the union rather than every path's whole k: those reach as far out as the lookup happened to go, and a
+        later delete, whose lookup goes as far, must reach every copy.
         """
-        if not self._among_closest(key, closest):
-            return closest, False
-        return closest[: self.k - 1], True
+        closest = lookup.result()
+        here = self._among_closest(key, closest)
+        chosen = closest[: self.k - 1] if here else list(closest)
+        if isinstance(lookup, DisjointLookup):
+            chosen += lookup.union()[len(closest) : len(closest) + EXTRA_REPLICAS_PER_K * self.k]
+        return chosen, here
 
     def _store_locally(self, space: Space, key: NodeId, blob: bytes) -> bool:
         try:
@@ -967,12 +1061,12 @@ class DhtNode:
             # A delete must reach every copy, not just the k closest now: the k closest when an entry was stored
             # may differ (the mailbox owner, offline then, is back among them).  So the tombstone goes to the k
             # closest, this node, and every node the lookup found holding entries of this mailbox.
-            closest = lookup.result()
-            here = self._among_closest(key, closest) or bool(self.store.items_for(Space.ENTRY, key))
+            closest = lookup.union()
+            here = self._among_closest(key, closest[: self.k]) or bool(self.store.items_for(Space.ENTRY, key))
             listed = {c.node_id for c in closest}
             closest += [c for c, found in fetched.replies.values() if found.entries > 0 and c.node_id not in listed]
         else:
-            closest, here = self._replica_set(key, lookup.result())
+            closest, here = self._replica_set(key, lookup)
         targets: list[tuple[Candidate, Found]] = []
         already = 0
         digest = blob_digest(blob)
@@ -1041,7 +1135,7 @@ class DhtNode:
                 winner_seq = seq
         merged = merge_records(candidates, key, wall)
         if merged.record is not None:
-            lagging = self._lagging(merged.record, lookup.result(), fetched)
+            lagging = self._lagging(merged.record, self._replica_set(key, lookup)[0], fetched)
             if lagging:
                 self._spawn(lambda: self._repair(key, merged.record, lagging))  # type: ignore[arg-type]
         return GetResult(
@@ -1101,7 +1195,7 @@ class DhtNode:
         if not entries:
             return []
         lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
-        closest, here = self._replica_set(mailbox, lookup.result())
+        closest, here = self._replica_set(mailbox, lookup)
         targets = [(c, fetched.replies[c.node_id][1]) for c in closest]
         results: list[PutResult] = []
         for entry in entries:

@@ -7,8 +7,9 @@ socket's queue.  Timeouts adapt to measured round trips (:mod:`p2pchat.core.rtt`
 
 Two ways to ask: :meth:`RpcTransport.request` awaits one reply; :meth:`RpcTransport.send_request` hands the
 reply (or ``None`` on timeout) to a callback run in the receive loop, so a lookup with twenty requests in flight
-needs no task, cancel scope or event per request.  Every pending request's deadline sits in one heap, watched by
-one timer task.
+needs no task, cancel scope or event per request; it can also be told when a request becomes overdue (its soft
+timeout, :data:`~p2pchat.core.rtt.SOFT_TIMEOUT_SHARE` of the timeout), so a lookup can ask someone else
+meanwhile.  Every pending request's deadlines sit in one heap, watched by one timer task.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import trio
 
 from p2pchat.core.framing import DatagramKind, classify_datagram, decode_datagram, encode_datagram
 from p2pchat.core.ratelimit import RateLimiter
-from p2pchat.core.rtt import TimeoutPolicy
+from p2pchat.core.rtt import SOFT_TIMEOUT_SHARE, TimeoutPolicy
 from p2pchat.core.schema import Packet
 from p2pchat.env import Env
 from p2pchat.errors import P2PChatError, ProtocolError
@@ -89,12 +90,15 @@ def _settled(_: Packet | None) -> None:
 
 
 class _Pending:
-    __slots__ = ("callback", "deadline", "sent_at")
+    __slots__ = ("callback", "deadline", "on_slow", "sent_at")
 
-    def __init__(self, callback: ReplyCallback, sent_at: float, deadline: float) -> None:
+    def __init__(
+        self, callback: ReplyCallback, sent_at: float, deadline: float, on_slow: Callable[[], None] | None
+    ) -> None:
         self.callback = callback
         self.sent_at = sent_at
         self.deadline = deadline
+        self.on_slow = on_slow
 
 
 class RpcTransport:
@@ -120,9 +124,10 @@ class RpcTransport:
         self.limiter = limiter
         self.stats = RpcStats()
         self._pending: dict[PendingKey, _Pending] = {}
-        # (deadline, sequence, key, pending); entries whose request was answered or cancelled stay until they come
-        # up (cheaper than removing them), and the heap is compacted when they outnumber the live ones.
-        self._deadlines: list[tuple[float, int, PendingKey, _Pending]] = []
+        # (deadline, sequence, key, pending, soft); entries whose request was answered or cancelled stay until they
+        # come up (cheaper than removing them), and the heap is compacted when they outnumber the live ones.  A soft
+        # entry is a request's soft timeout: it calls on_slow and leaves the request pending.
+        self._deadlines: list[tuple[float, int, PendingKey, _Pending, bool]] = []
         self._sequence = itertools.count()
         self._timer: trio.CancelScope | None = None
         self._stopped = False
@@ -142,13 +147,20 @@ class RpcTransport:
         self.endpoint.send(encode_datagram(packet), destination)
 
     def send_request(
-        self, packet: Packet, destination: Address, callback: ReplyCallback, *, timeout: float | None = None
+        self,
+        packet: Packet,
+        destination: Address,
+        callback: ReplyCallback,
+        *,
+        timeout: float | None = None,
+        on_slow: Callable[[], None] | None = None,
     ) -> PendingKey:
         """Send ``packet`` (its ``txid`` must be fresh); ``callback`` gets the reply, or ``None`` after the timeout.
 
-        The callback runs in the receive loop (or the timer task) and must not block.  Returns the key with which
-        :meth:`cancel` withdraws the request.  Raises :class:`TooManyRequestsError` when
-        :data:`MAX_PENDING_REQUESTS` are waiting.
+        ``on_slow``, if given, is called once when the request is still unanswered after
+        :data:`~p2pchat.core.rtt.SOFT_TIMEOUT_SHARE` of its timeout; the request stays pending.  The callbacks run
+        in the receive loop (or the timer task) and must not block.  Returns the key with which :meth:`cancel`
+        withdraws the request.  Raises :class:`TooManyRequestsError` when :data:`MAX_PENDING_REQUESTS` are waiting.
         """
         if self._stopped:
             raise trio.ClosedResourceError("the transport has stopped: no reply could be received")
@@ -163,12 +175,16 @@ class RpcTransport:
         self.endpoint.send(encode_datagram(packet), destination)
         self.stats.requests_sent += 1
         now = trio.current_time()
-        pending = _Pending(callback, now, now + wait)
+        pending = _Pending(callback, now, now + wait, on_slow)
         pending_requests[key] = pending
-        heapq.heappush(self._deadlines, (pending.deadline, next(self._sequence), key, pending))
+        first = pending.deadline
+        heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, False))
+        if on_slow is not None:
+            first = now + SOFT_TIMEOUT_SHARE * wait
+            heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, True))
         timer = self._timer
-        if timer is not None and pending.deadline < timer.deadline:
-            timer.deadline = pending.deadline
+        if timer is not None and first < timer.deadline:
+            timer.deadline = first
         return key
 
     def cancel(self, key: PendingKey) -> None:
@@ -176,6 +192,7 @@ class RpcTransport:
         pending = self._pending.pop(key, None)
         if pending is not None:
             pending.callback = _settled
+            pending.on_slow = None
             self._sweep_settled()
 
     def _sweep_settled(self) -> None:
@@ -253,8 +270,13 @@ class RpcTransport:
                 self._timer = None
             now = trio.current_time()
             while deadlines and deadlines[0][0] <= now:
-                _, _, key, pending = heapq.heappop(deadlines)
-                if pending_requests.get(key) is pending:
+                _, _, key, pending, soft = heapq.heappop(deadlines)
+                if soft:
+                    on_slow = pending.on_slow
+                    pending.on_slow = None
+                    if on_slow is not None and pending_requests.get(key) is pending:
+                        on_slow()
+                elif pending_requests.get(key) is pending:
                     del pending_requests[key]
                     stats.timeouts += 1
                     callback = pending.callback
@@ -286,6 +308,7 @@ class RpcTransport:
             self.timeouts.observe(source, trio.current_time() - pending.sent_at)
             callback = pending.callback
             pending.callback = _settled
+            pending.on_slow = None
             self._sweep_settled()
             callback(packet)
             return
