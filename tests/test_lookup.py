@@ -21,6 +21,7 @@ from p2pchat.core.lookup import (
     MAX_ADDRESSES_PER_CANDIDATE,
     MAX_CANDIDATES_PER_K,
     MAX_CONTACTS_PER_REPLY,
+    MAX_UNANSWERED_REFERRALS,
     Candidate,
     CandidateState,
     DisjointLookup,
@@ -537,3 +538,138 @@ def test_disjoint_seeds_are_dealt_by_distance_and_replies_reach_the_path_that_as
     assert lookup.rpcs == 7
     lookup.finish()
     assert lookup.next_requests() == []
+
+
+# --- overdue requests and failing referrers --------------------------------------------------------------------
+
+
+def test_an_overdue_request_frees_its_slot_and_its_late_reply_still_counts() -> None:
+    target = NodeId.from_int(0)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20, 30)]
+    lookup = Lookup(target, seeds, alpha=1)
+    assert [c.distance for c in lookup.next_requests()] == [10]
+    assert lookup.next_requests() == []  # alpha is busy
+    assert lookup.on_slow(NodeId.from_int(10))
+    assert not lookup.on_slow(NodeId.from_int(10))  # once
+    assert lookup.candidates[0].state is CandidateState.SLOW
+    assert lookup.in_flight == 0
+    assert [c.distance for c in lookup.next_requests()] == [20]  # moved on
+    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert lookup.on_reply(NodeId.from_int(10), [(NodeId.from_int(5), address_of(5))])  # late, still taken
+    assert lookup.in_flight == 0
+    assert [c.distance for c in lookup.next_requests()] == [5]
+    assert lookup.on_slow(NodeId.from_int(5))
+    assert lookup.on_failure(NodeId.from_int(5))  # an overdue request may still time out for good
+    assert lookup.in_flight == 0
+    while not lookup.done:
+        for c in lookup.next_requests():
+            lookup.on_reply(c.node_id, [])
+    assert [c.distance for c in lookup.result()] == [10, 20, 30]
+
+
+def test_a_lookup_does_not_wait_for_overdue_nodes() -> None:
+    target = NodeId.from_int(0)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20)]
+    lookup = Lookup(target, seeds, alpha=2)
+    lookup.next_requests()
+    assert lookup.on_slow(NodeId.from_int(10))
+    assert not lookup.done
+    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert lookup.done  # nothing else to ask; the overdue one is not waited for
+    assert [c.distance for c in lookup.result()] == [20]
+
+
+def test_a_liar_naming_fabricated_nodes_costs_one_round_of_timeouts() -> None:
+    # The liar names 20 ids closer than any real node, at addresses where nobody answers.
+    target = NodeId.from_int(1 << 100)
+    liar = NodeId.from_int((1 << 100) ^ (1 << 90))
+    honest = [NodeId.from_int((1 << 100) ^ (d << 95)) for d in range(1, 6)]
+    lookup = Lookup(target, [Candidate(n, address_of(i), 0, 1) for i, n in enumerate([liar, *honest])], alpha=3)
+    fakes = [(NodeId.from_int((1 << 100) ^ (i + 1)), address_of(1000 + i)) for i in range(K)]
+    asked: list[NodeId] = []
+    for c in lookup.next_requests():
+        asked.append(c.node_id)
+        if c.node_id == liar:
+            lookup.on_reply(liar, fakes)
+        else:
+            lookup.on_reply(c.node_id, [])
+    rounds = 0
+    while not lookup.done:
+        rounds += 1
+        batch = lookup.next_requests()
+        asked += [c.node_id for c in batch]
+        for c in batch:
+            if c.node_id in dict(fakes):
+                lookup.on_slow(c.node_id)  # overdue: counted against the liar at once
+            else:
+                lookup.on_reply(c.node_id, [])
+    fake_ids = {n for n, _ in fakes}
+    assert len(fake_ids & set(asked)) == MAX_UNANSWERED_REFERRALS
+    liar_candidate = next(c for c in lookup.candidates if c.node_id == liar)
+    assert liar_candidate.referrals_failed == MAX_UNANSWERED_REFERRALS
+    dropped = [c for c in lookup.candidates if c.node_id in fake_ids and c.addresses_tried == 0]
+    assert len(dropped) == K - MAX_UNANSWERED_REFERRALS
+    assert all(c.state is CandidateState.FAILED for c in dropped)
+    assert set(ids_of(lookup.result())) == {liar, *honest}
+
+
+def test_a_referral_dropped_with_its_referrer_is_revived_when_another_node_names_it() -> None:
+    target = NodeId.from_int(0)
+    liar, honest = NodeId.from_int(1000), NodeId.from_int(2000)
+    seeds = [Candidate(liar, address_of(1), 1000, 1), Candidate(honest, address_of(2), 2000, 1)]
+    lookup = Lookup(target, seeds, alpha=1)
+    named = [(NodeId.from_int(d), address_of(d)) for d in range(1, MAX_UNANSWERED_REFERRALS + 3)]
+    assert ids_of(lookup.next_requests()) == [liar]
+    lookup.on_reply(liar, named)
+    for expected in named[:MAX_UNANSWERED_REFERRALS]:
+        assert ids_of(lookup.next_requests()) == [expected[0]]
+        lookup.on_failure(expected[0])
+    # The liar's other referrals are dropped unasked: the honest node is next.
+    assert ids_of(lookup.next_requests()) == [honest]
+    states = {c.node_id.int: c.state for c in lookup.candidates}
+    assert all(states[d] is CandidateState.FAILED for d in range(1, MAX_UNANSWERED_REFERRALS + 3))
+    # The honest node names the last one (never asked): it gets its chance; the ones that failed do not.
+    last = named[-1]
+    assert lookup.on_reply(honest, [last, named[0]])
+    assert ids_of(lookup.next_requests()) == [last[0]]
+
+
+def test_an_honest_referrer_with_a_live_referral_is_never_blamed() -> None:
+    target = NodeId.from_int(0)
+    referrer = NodeId.from_int(5000)
+    lookup = Lookup(target, [Candidate(referrer, address_of(1), 5000, 1)], alpha=K)
+    named = [(NodeId.from_int(d), address_of(d)) for d in range(1, 11)]
+    lookup.next_requests()
+    lookup.on_reply(referrer, named)
+    batch = lookup.next_requests()
+    lookup.on_reply(batch[0].node_id, [])  # one live referral first
+    for c in batch[1:]:
+        lookup.on_failure(c.node_id)
+    assert all(c.addresses_tried == 1 for c in lookup.candidates)  # nothing dropped unasked
+
+
+def test_disjoint_paths_take_wire_replies_and_overdue_requests_and_union_every_path() -> None:
+    target = NodeId.from_int(0)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20, 30)]
+
+    class Info:
+        def __init__(self, d: int) -> None:
+            self.node_id = NodeId.from_int(d).bytes
+            self.host, self.port = address_of(d).host, 4000
+
+    lookup = DisjointLookup(target, seeds, k=2, alpha=1, make_address=Address)
+    assert [c.distance for c in lookup.next_requests()] == [10, 20, 30]
+    assert lookup.on_slow(NodeId.from_int(30))
+    assert lookup.in_flight == 2
+    assert lookup.on_wire_reply(NodeId.from_int(10), [Info(1), Info(2)])
+    assert lookup.on_wire_reply(NodeId.from_int(20), [Info(3), Info(4)])
+    assert not lookup.on_wire_reply(NodeId.from_int(99), [])
+    while not lookup.done:
+        for c in lookup.next_requests():
+            lookup.on_reply(c.node_id, [])
+    assert lookup.on_reply(NodeId.from_int(30), [])  # late, still taken by its path
+    assert [c.distance for c in lookup.result()] == [1, 2]
+    # Every path's k closest: path 0 ended with 1 and 2, path 1 with 3 and 4, path 2 with 30.
+    assert [c.distance for c in lookup.union()] == [1, 2, 3, 4, 30]
+    assert lookup.on_failure(NodeId.from_int(99)) is False
+    assert lookup.on_slow(NodeId.from_int(99)) is False

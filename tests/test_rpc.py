@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import trio
 import trio.testing
@@ -10,7 +12,7 @@ from p2pchat.core.framing import encode_datagram
 from p2pchat.core.identity import Identity
 from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
-from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, RttEstimator, TimeoutPolicy
+from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, SOFT_TIMEOUT_SHARE, RttEstimator, TimeoutPolicy
 from p2pchat.core.schema import Packet
 from p2pchat.dht.rpc import (
     MAX_PENDING_REQUESTS,
@@ -207,3 +209,42 @@ def test_timeout_policy_uses_overall_estimate_for_strangers() -> None:
         policy.observe("friend", 0.400)
     assert policy.timeout("friend") == pytest.approx(0.400 + 4 * policy._peers["friend"].rttvar)
     assert policy.timeout("friend") < policy.timeout("stranger") <= MAX_RTO
+
+
+async def test_an_overdue_request_is_reported_at_its_soft_timeout_and_still_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # b answers after 300 ms: past the soft timeout of a 0.5 s request, within the timeout itself.
+    async with open_sim_network(8, default_link=LinkModel(latency=Constant(0.150)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        silent = Address("10.9.9.9", 4000)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            events: list[tuple[str, float]] = []
+            start = trio.current_time()
+
+            def note(name: str) -> Callable[[], None]:
+                return lambda: events.append((name, trio.current_time() - start))
+
+            def replied(name: str) -> Callable[[Packet | None], None]:
+                return lambda reply: events.append((f"{name}:{'timeout' if reply is None else 'reply'}", 0.0))
+
+            a.send_request(Ping(a.new_txid(), None), b.local_address, replied("b"), timeout=0.5, on_slow=note("b"))
+            a.send_request(Ping(a.new_txid(), None), silent, replied("s"), timeout=0.5, on_slow=note("s"))
+            quick = a.send_request(Ping(a.new_txid(), None), silent, replied("q"), timeout=0.5, on_slow=note("q"))
+            a.cancel(quick)  # withdrawn: neither callback runs
+            await trio.sleep(1)
+            assert [name for name, _ in events] == ["b", "s", "b:reply", "s:timeout"]
+            assert events[0][1] == pytest.approx(SOFT_TIMEOUT_SHARE * 0.5)
+            assert a.stats.timeouts == 1
+            assert a.pending_count() == 0
+            nursery.cancel_scope.cancel()
+
+
+def test_the_soft_timeout_is_a_share_of_the_timeout() -> None:
+    policy = TimeoutPolicy()
+    assert policy.soft_timeout("x") == pytest.approx(SOFT_TIMEOUT_SHARE * INITIAL_RTO)
+    policy.observe("x", 0.2)
+    assert policy.soft_timeout("x") == pytest.approx(SOFT_TIMEOUT_SHARE * policy.timeout("x"))
+    assert policy.soft_timeout("x") > 0.2  # above the round trip the estimator expects

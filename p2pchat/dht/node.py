@@ -308,7 +308,7 @@ class _LookupRun:
                         functools.partial(self._answered, candidate, key),
                         on_slow=functools.partial(self._overdue, candidate, key),
                     )
-                except P2PChatError as exc:  # too many requests in flight, or a refused destination
+                except P2PChatError as exc:  # too many requests in flight, a refused destination, our own address
                     log.debug("lookup request to %s failed: %s", candidate.address, exc)
                     lookup.on_failure(candidate.node_id)
                     again = True

@@ -1,9 +1,11 @@
 """Datagram RPC: send requests, match replies, serve requests -- one receive loop, no task per packet.
 
 A reply is accepted only if it comes from the address the request went to and echoes the request's random
-transaction id (BEP 5's rule); anything else is dropped and counted.  Requests are answered synchronously in the
-receive loop by a handler that must not block, so a flood of requests costs no tasks and no memory beyond the
-socket's queue.  Timeouts adapt to measured round trips (:mod:`p2pchat.core.rtt`).
+transaction id (BEP 5's rule), once; anything else is dropped and counted.  A datagram claiming to come from this
+transport's own address (a reflected or spoofed packet) is dropped and counted, and no request is sent to it.
+Requests are answered synchronously in the receive loop by a handler that must not block, so a flood of requests
+costs no tasks and no memory beyond the socket's queue.  Timeouts adapt to measured round trips
+(:mod:`p2pchat.core.rtt`).
 
 Two ways to ask: :meth:`RpcTransport.request` awaits one reply; :meth:`RpcTransport.send_request` hands the
 reply (or ``None`` on timeout) to a callback run in the receive loop, so a lookup with twenty requests in flight
@@ -41,6 +43,7 @@ __all__ = [
     "RequestTimeoutError",
     "RpcStats",
     "RpcTransport",
+    "SelfRequestError",
     "TooManyRequestsError",
 ]
 
@@ -65,6 +68,11 @@ class RequestTimeoutError(P2PChatError):
     """No valid reply arrived in time."""
 
 
+class SelfRequestError(RequestTimeoutError):
+    """The destination is this transport's own address: only we could answer, so the request fails at once, as
+    if unanswered (a liar may name a node at our address; a lookup must not ask itself)."""
+
+
 class TooManyRequestsError(P2PChatError):
     """:data:`MAX_PENDING_REQUESTS` requests are already waiting."""
 
@@ -81,6 +89,7 @@ class RpcStats:
     dropped_unsolicited: int = 0
     dropped_by_handler: int = 0
     dropped_rate_limited: int = 0
+    dropped_reflected: int = 0
     compat_served: int = 0
 
 
@@ -160,10 +169,13 @@ class RpcTransport:
         ``on_slow``, if given, is called once when the request is still unanswered after
         :data:`~p2pchat.core.rtt.SOFT_TIMEOUT_SHARE` of its timeout; the request stays pending.  The callbacks run
         in the receive loop (or the timer task) and must not block.  Returns the key with which :meth:`cancel`
-        withdraws the request.  Raises :class:`TooManyRequestsError` when :data:`MAX_PENDING_REQUESTS` are waiting.
+        withdraws the request.  Raises :class:`TooManyRequestsError` when :data:`MAX_PENDING_REQUESTS` are waiting,
+        :class:`SelfRequestError` for this transport's own address.
         """
         if self._stopped:
             raise trio.ClosedResourceError("the transport has stopped: no reply could be received")
+        if destination == self.endpoint.local_address:
+            raise SelfRequestError(f"{destination} is this node's own address")
         txid: bytes = packet.txid  # type: ignore[attr-defined]
         key = (txid, destination)
         pending_requests = self._pending
@@ -289,6 +301,11 @@ class RpcTransport:
 
     def _on_datagram(self, data: bytes, source: Address) -> None:
         stats = self.stats
+        if source == self.endpoint.local_address:
+            # We never send to ourselves, so this was reflected or spoofed: answering it would be talking to
+            # ourselves (and, with a reflected reply, could loop).
+            stats.dropped_reflected += 1
+            return
         try:
             kind = classify_datagram(data)
             if kind is not DatagramKind.P2PCHAT:
