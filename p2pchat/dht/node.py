@@ -87,7 +87,6 @@ from p2pchat.net.base import Address
 
 __all__ = [
     "BOOTSTRAP_ATTEMPTS",
-    "EXTRA_REPLICAS_PER_K",
     "FETCH_WINDOW",
     "HANDOVER_INTERVAL",
     "LIVENESS_QUEUE_SIZE",
@@ -146,10 +145,6 @@ MAX_RECENT_STORES: Final = 1024
 SERVED_KEYS_REMEMBERED: Final = 64
 """Keys whose closest contacts, as named in this node's last FindValue answer, are kept for the store that
 usually follows (it needs them for hand-over bookkeeping); the oldest is forgotten first."""
-
-EXTRA_REPLICAS_PER_K: Final = 1
-"""After a disjoint lookup, a put also stores at this many times k nodes beyond the k closest (see
-:meth:`DhtNode._replica_set`)."""
 
 MAX_HANDED_PER_KEY: Final = 2 * K
 """Nodes remembered per key as already holding it (the k closest, and some that were)."""
@@ -1028,23 +1023,19 @@ class DhtNode:
         return self.node_id.distance(key) < others[-1].node_id.distance(key)
 
     def _replica_set(self, key: NodeId, lookup: Lookup | DisjointLookup) -> tuple[list[Candidate], bool]:
-        """Where to store under *key*: the other nodes, closest first, and whether to store here too.
+        """The k closest nodes to *key* counting this one: the other nodes to store at, and whether to store here.
 
-        The k closest nodes counting this one (storing at k others *and* here made k + 1 copies, one beyond the k
-        closest a later delete reaches, which then lingered until it expired).  After a disjoint lookup, also the
-        next :data:`EXTRA_REPLICAS_PER_K` ``* k`` closest of what all paths found (S/Kademlia stores along the
-        disjoint paths).  *Why:* ids ground next to the key fill the k closest overall -- and the top of every
-        path, since honest nodes name them too -- and then drop what they are given; the next k are the honest
-        neighbourhood, which a disjoint get reaches.  That costs k more copies in an honest network.  The closest
-        of the union rather than every path's whole k: those reach as far out as the lookup happened to go, and a
-        later delete, whose lookup goes as far, must reach every copy.
+        Storing at k others *and* here made k + 1 copies, one beyond the k closest a later delete reaches, which
+        then lingered until it expired.  After a disjoint lookup these are the k closest over all paths.  *Not*
+        also the next nodes of every path (S/Kademlia's way to put honest copies beyond a Sybil cluster that
+        fills the k closest): those reach as far out as the putter's lookup happened to go, and a later delete
+        from another node, whose lookup went elsewhere, missed some (tried: the copies came back in the next
+        fetch, in tests/test_dht_records.py and tests/test_messaging.py).
         """
         closest = lookup.result()
-        here = self._among_closest(key, closest)
-        chosen = closest[: self.k - 1] if here else list(closest)
-        if isinstance(lookup, DisjointLookup):
-            chosen += lookup.union()[len(closest) : len(closest) + EXTRA_REPLICAS_PER_K * self.k]
-        return chosen, here
+        if not self._among_closest(key, closest):
+            return closest, False
+        return closest[: self.k - 1], True
 
     def _store_locally(self, space: Space, key: NodeId, blob: bytes) -> bool:
         try:
