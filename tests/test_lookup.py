@@ -567,16 +567,29 @@ def test_an_overdue_request_frees_its_slot_and_its_late_reply_still_counts() -> 
     assert [c.distance for c in lookup.result()] == [10, 20, 30]
 
 
-def test_a_lookup_does_not_wait_for_overdue_nodes() -> None:
+def test_a_lookup_waits_for_overdue_nodes_only_when_too_few_have_answered() -> None:
     target = NodeId.from_int(0)
-    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20)]
-    lookup = Lookup(target, seeds, alpha=2)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20, 30)]
+    # k = 2 answered can be found past the overdue node: it is not waited for.
+    lookup = Lookup(target, seeds, k=2, alpha=3)
+    assert [c.distance for c in lookup.next_requests()] == [10, 20]
+    assert lookup.on_slow(NodeId.from_int(10))
+    assert [c.distance for c in lookup.next_requests()] == [30]  # the window moves past the overdue node
+    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert not lookup.done
+    assert lookup.on_reply(NodeId.from_int(30), [])
+    assert lookup.done
+    assert [c.distance for c in lookup.result()] == [20, 30]
+    # Fewer than k answered and nothing left to ask: the overdue one may still answer, so it is waited for.
+    lookup = Lookup(target, seeds, k=3, alpha=3)
     lookup.next_requests()
     assert lookup.on_slow(NodeId.from_int(10))
-    assert not lookup.done
     assert lookup.on_reply(NodeId.from_int(20), [])
-    assert lookup.done  # nothing else to ask; the overdue one is not waited for
-    assert [c.distance for c in lookup.result()] == [20]
+    assert lookup.on_reply(NodeId.from_int(30), [])
+    assert not lookup.done
+    assert lookup.on_failure(NodeId.from_int(10))
+    assert lookup.done
+    assert [c.distance for c in lookup.result()] == [20, 30]
 
 
 def test_a_liar_naming_fabricated_nodes_costs_one_round_of_timeouts() -> None:

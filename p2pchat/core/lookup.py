@@ -272,10 +272,15 @@ class Lookup:
     @property
     def done(self) -> bool:
         """Whether the k closest candidates that have not failed and are not overdue have all answered (or nobody is
-        left to ask)."""
+        left to ask, and no overdue request may still bring an answer).
+
+        Overdue candidates are skipped while k answered ones can be found past them, so a silent node does not
+        hold up the end of a lookup; when fewer than k have answered, the overdue ones are waited for (a slow
+        network, or a stalled process, must not shrink the result)."""
         if self._finished:
             return True
         live = 0
+        overdue = False
         for c in self._sorted:
             state = c.state
             if state is _ANSWERED:
@@ -288,7 +293,9 @@ class Lookup:
                 return False
             elif state is _IN_FLIGHT:
                 return False
-        return True
+            elif state is _SLOW:
+                overdue = True
+        return not overdue
 
     @property
     def hops(self) -> int:
