@@ -822,10 +822,9 @@ class DhtNode:
         Replies are handled as they arrive, in the transport's receive loop, which also sends the next requests:
         the lookup costs this task one wait, not a task and a cancel scope per request, whatever the paths.
         """
-        # Each disjoint path starts from k seeds of its own.  *Why:* replies near the target all name the same
-        # k closest nodes, so paths dealt k seeds between them ran out of nodes to ask and each reached barely
-        # past its share of those; a delete then missed copies that a put from farther away had placed.
-        wanted = self.k * paths
+        # The k closest seed a disjoint lookup too, dealt among its paths (S/Kademlia).  (Seeding each path with k of
+        # its own reached farther out, and hand-over under churn then kept fewer copies at the true k closest.)
+        wanted = self.k
         seeds = self.routing.closest(target, wanted)
         if len(seeds) < wanted:
             # Too few contacts in good standing -- typically after this node was offline itself and every request
