@@ -87,7 +87,9 @@ from p2pchat.net.base import Address
 
 __all__ = [
     "BOOTSTRAP_ATTEMPTS",
+    "CROWDING_FACTOR",
     "FETCH_WINDOW",
+    "HANDOVER_GIVERS",
     "HANDOVER_INTERVAL",
     "LIVENESS_QUEUE_SIZE",
     "MAINTENANCE_INTERVAL",
@@ -116,6 +118,13 @@ MAINTENANCE_INTERVAL: Final = 60.0
 
 HANDOVER_INTERVAL: Final = 60.0
 """Seconds between checks whether new nodes joined the neighbourhood of stored keys (then data is handed over)."""
+
+CROWDING_FACTOR: Final = 2
+"""A lookup whose k-th closest node is this many times closer to the target than our own k-th closest contact is
+to us was steered into a cluster of ground ids, and runs again over disjoint paths.  Honest networks almost never
+trip it (twenty nodes where about ten are expected); a cluster that stays below it leaves about half of the k
+closest honest -- enough for a get, which merges every answer.  (Measured on the hostile scenario: at 4, one pair's
+pairwise mailbox, which by chance shared its top bits with a Sybil cluster's target, lost 4 messages.)"""
 
 HANDOVER_GIVERS: Final = 3
 """Holders of a key that hand it over: a node gives a key to new neighbours of the key only while fewer than this
@@ -507,6 +516,8 @@ class DhtNode:
         self._served: OrderedDict[NodeId, list[Contact]] = OrderedDict()
         self._neighbourhood_changed = False
         self.handovers = 0
+        self.sybil_suspicions = 0
+        """Lookups whose k closest were crowded round the target, so they ran again over disjoint paths."""
 
     # --- running ---------------------------------------------------------------------------------------------
 
@@ -816,8 +827,15 @@ class DhtNode:
         *,
         paths: int = 1,
     ) -> Lookup | DisjointLookup:
-        """Run a lookup for *target* over *paths* disjoint paths, asking with ``request_for(txid)``; ``on_answer``
-        sees every valid Found.
+        """Run a lookup for *target*, asking with ``request_for(txid)``; ``on_answer`` sees every valid Found.
+
+        A plain lookup first; when *paths* > 1 and the k closest it found are crowded around the target
+        (:meth:`_crowded`), the lookup runs again over *paths* disjoint paths, and that one is returned.  *Why not
+        always disjoint:* in an honest network three paths cost about four times the requests and 40% more
+        latency for the same answer (measured on the baseline scenario: 92 against 23 requests per lookup), and a
+        cluster that leaves the honest nodes in the k closest cannot black-hole a get, which merges all k answers.
+        To push every honest node out of the k closest, a cluster must sit about k times denser than the network,
+        and :data:`CROWDING_FACTOR` flags it well before that.
 
         Replies are handled as they arrive, in the transport's receive loop, which also sends the next requests:
         the lookup costs this task one wait, not a task and a cancel scope per request, whatever the paths.
@@ -832,14 +850,38 @@ class DhtNode:
             seen = {c.node_id for c in seeds}
             seeds += [c for c in self.routing.closest(target, wanted, exclude_failing=False) if c.node_id not in seen]
             seeds = seeds[:wanted]
-        lookup: Lookup | DisjointLookup
-        if paths == 1:
-            lookup = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
-        else:
-            lookup = DisjointLookup(
-                target, seeds, paths=paths, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address
-            )
         self.routing.touch_bucket(target, trio.current_time())
+        plain = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
+        await self._drive(plain, request_for, reply_type, on_answer)
+        if paths == 1 or not self._crowded(target, plain.result()):
+            return plain
+        # The nodes around the target sit far closer together than nodes sit around us: ids ground next to it (a
+        # Sybil cluster).  Ask again over disjoint paths, which reach past a cluster that captured some of them.
+        self.sybil_suspicions += 1
+        disjoint = DisjointLookup(
+            target, seeds, paths=paths, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address
+        )
+        await self._drive(disjoint, request_for, reply_type, on_answer)
+        return disjoint
+
+    def _crowded(self, target: NodeId, found: list[Candidate]) -> bool:
+        """Whether the k closest nodes *found* for *target* sit :data:`CROWDING_FACTOR` times denser around it than
+        our own k closest contacts sit around our own id (where our routing table is complete)."""
+        k = self.k
+        if len(found) < k:
+            return False
+        ours = self.routing.closest(self.node_id, k)
+        if len(ours) < k:
+            return False
+        return found[k - 1].node_id.distance(target) * CROWDING_FACTOR < ours[-1].node_id.distance(self.node_id)
+
+    async def _drive(
+        self,
+        lookup: Lookup | DisjointLookup,
+        request_for: Callable[[bytes], Packet],
+        reply_type: type[Nodes] | type[Found],
+        on_answer: Callable[[Candidate, Nodes | Found], None] | None,
+    ) -> None:
         run = _LookupRun(self, lookup, request_for, reply_type, on_answer)
         run.ask_more()
         try:
@@ -850,7 +892,6 @@ class DhtNode:
         run.detach()
         if run.closed:
             raise trio.ClosedResourceError("the DHT node's transport has stopped")
-        return lookup
 
     async def find_node(self, target: NodeId, *, paths: int | None = None) -> LookupResult:
         """Iteratively find the k nodes closest to ``target`` that answer, over ``paths`` disjoint paths (default:
