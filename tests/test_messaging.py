@@ -10,88 +10,44 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from sim_users import make_world, next_event, until_delivered
 
 from p2pchat.core import envelope, x3dh
 from p2pchat.core.identity import Identity
 from p2pchat.core.messages import MAX_TEXT_BYTES
-from p2pchat.core.nodecert import CertCache
 from p2pchat.core.records import entry_expiry, make_entry
-from p2pchat.dht.node import DhtNode
 from p2pchat.env import Env
 from p2pchat.errors import UserError
 from p2pchat.messaging.channel import open_channel
 from p2pchat.messaging.db import ContactStatus, MessageState
 from p2pchat.messaging.messenger import DeliveryUpdate, IncomingMessage
-from p2pchat.net.sim import SimHost, SimNetwork, open_sim_network
+from p2pchat.net.sim import open_sim_network
 from p2pchat.node import Node
 
-from dhtsim import LINK, start_nodes
+from dhtsim import LINK
 
 DAY = 24 * 3600.0
 
 
-class World:
-    """A small DHT and the users on it."""
-
-    def __init__(self, net: SimNetwork, nursery: trio.Nursery, dht: list[DhtNode], certs: CertCache) -> None:
-        self.net = net
-        self.nursery = nursery
-        self.dht = dht
-        self.certs = certs
-        self.hosts: dict[str, SimHost] = {}
-
-    async def user(self, name: str, seed: int, home: Path | None = None, identity: Identity | None = None) -> Node:
-        host = self.hosts.get(name) or self.net.add_host()
-        self.hosts[name] = host
-        env = Env.simulated(host, seed)
-        identity = identity or Identity.generate(env.random_bytes)
-        node = Node(env, identity, host=host.address, udp_port=4000, tcp_port=4001, home=home, cert_cache=self.certs)
-        await self.nursery.start(node.run)
-        assert await node.bootstrap([self.dht[seed % len(self.dht)].address]) == 1
-        return node
-
-
-async def _world(net: SimNetwork, nursery: trio.Nursery, count: int = 30, seed: int = 1) -> World:
-    certs = CertCache()
-    dht, _ = await start_nodes(net, nursery, count, seed=seed, certs=certs)
-    return World(net, nursery, dht, certs)
-
-
-async def _next(node: Node, kind: type, timeout: float = 3600) -> IncomingMessage | DeliveryUpdate:
-    with trio.fail_after(timeout):
-        while True:
-            event = await node.events.receive()
-            if isinstance(event, kind):
-                return event
-
-
-async def _until_delivered(node: Node, ids: set[bytes], timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while ids:
-            event = await node.events.receive()
-            if isinstance(event, DeliveryUpdate) and event.state is MessageState.DELIVERED:
-                ids.discard(event.message_id)
-
-
 async def test_alice_to_bob_online_goes_direct(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(41, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         alice.add_contact("bob", bob.address)
         bob.add_contact("alice", alice.address)
         assert not alice.messenger.has_channel(bob.key)
         row = alice.send("bob", "hello bob")
         assert alice.history("bob")[0].state is MessageState.QUEUED
-        event = await _next(bob, IncomingMessage)
+        event = await next_event(bob, IncomingMessage)
         assert isinstance(event, IncomingMessage)
         assert event.message.text == "hello bob" and event.message.peer == alice.key
-        await _until_delivered(alice, {row.id}, 60)
+        await until_delivered(alice, {row.id}, 60)
         assert alice.messenger.stats.sent_direct >= 1 and alice.messenger.stats.stored_in_mailbox == 0
         assert alice.messenger.has_channel(bob.key) and bob.messenger.has_channel(alice.key)
         reply = bob.send("alice", "hi alice")
-        event = await _next(alice, IncomingMessage)
+        event = await next_event(alice, IncomingMessage)
         assert isinstance(event, IncomingMessage) and event.message.text == "hi alice"
-        await _until_delivered(bob, {reply.id}, 60)
+        await until_delivered(bob, {reply.id}, 60)
         assert [m.text for m in alice.history("bob")] == ["hello bob", "hi alice"]
         nursery.cancel_scope.cancel()
 
@@ -103,7 +59,7 @@ async def test_a_sent_message_awaiting_its_ack_is_not_resent_with_the_next(
     # sent-but-unacknowledged ones along (that made duplicates at the receiver under load), and the session's
     # ratchet states are decoded once each, not at every message.
     async with open_sim_network(45, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         alice.add_contact("bob", bob.address)
         ids = set()
@@ -111,11 +67,11 @@ async def test_a_sent_message_awaiting_its_ack_is_not_resent_with_the_next(
             row = alice.send("bob", f"message {i}")
             ids.add(row.id)
             while True:
-                event = await _next(alice, DeliveryUpdate)
+                event = await next_event(alice, DeliveryUpdate)
                 assert isinstance(event, DeliveryUpdate)
                 if event.message_id == row.id and event.state is MessageState.SENT:
                     break
-        await _until_delivered(alice, ids, 60)
+        await until_delivered(alice, ids, 60)
         assert bob.messenger.stats.received == 10 and bob.messenger.stats.duplicates == 0
         assert alice.messenger.stats.sent_direct == 10
         # One decoding of the initial state at most on each side; every later state was known from its encoding.
@@ -127,14 +83,14 @@ async def test_acks_owed_to_an_unreachable_peer_spend_no_ratchet_keys(autojump_c
     # Bob owes Alice an ack while neither she nor any DHT node answers: his retries (every few seconds at first)
     # must not encrypt a new ack message each time, or Alice would face more skipped keys than she keeps.
     async with open_sim_network(46, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery, count=10)
+        world = await make_world(net, nursery, count=10)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         row = alice.send(bob.key, "ack me later")
         await trio.sleep(300)  # stored in Bob's mailbox
         world.hosts["alice"].set_down()
         world.hosts["bob"].set_up()
-        event = await _next(bob, IncomingMessage, timeout=3600)
+        event = await next_event(bob, IncomingMessage, timeout=3600)
         assert isinstance(event, IncomingMessage)
         dht_hosts = [host for n in world.dht if (host := world.net.host_of(n.host)) is not None]
         for host in dht_hosts:
@@ -152,13 +108,13 @@ async def test_acks_owed_to_an_unreachable_peer_spend_no_ratchet_keys(autojump_c
         world.hosts["alice"].set_up()
         for host in dht_hosts:
             host.set_up()
-        await _until_delivered(alice, {row.id}, 2 * 3600)
+        await until_delivered(alice, {row.id}, 2 * 3600)
         nursery.cancel_scope.cancel()
 
 
 async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(42, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         alice.add_contact("bob", bob.address)
         world.hosts["bob"].set_down()
@@ -169,7 +125,7 @@ async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: 
         assert min(m.replicas for m in alice.history("bob")) >= 15
         await trio.sleep(3 * DAY)
         world.hosts["bob"].set_up()
-        await _until_delivered(alice, set(ids), 2 * 3600)
+        await until_delivered(alice, set(ids), 2 * 3600)
         received = [m for m in bob.history() if not m.outgoing]
         assert [m.text for m in received] == [f"message {i}" for i in range(100)]
         assert bob.db.contact(alice.key).status is ContactStatus.REQUEST  # not a contact yet: a request
@@ -181,37 +137,37 @@ async def test_bob_offline_for_three_days_gets_all_100_in_order(autojump_clock: 
 
 async def test_acks_wait_for_an_offline_sender(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(43, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         row = alice.send(bob.key, "are you there?")
         await trio.sleep(300)
         world.hosts["alice"].set_down()
         world.hosts["bob"].set_up()
-        event = await _next(bob, IncomingMessage, timeout=3600)
+        event = await next_event(bob, IncomingMessage, timeout=3600)
         assert isinstance(event, IncomingMessage)
         await trio.sleep(3600)  # Bob acknowledges into Alice's mailbox, since she is away
         world.hosts["alice"].set_up()
-        await _until_delivered(alice, {row.id}, 3600)
+        await until_delivered(alice, {row.id}, 3600)
         nursery.cancel_scope.cancel()
 
 
 async def test_restarts_lose_nothing(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
     async with open_sim_network(44, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         bob_identity = Identity.generate(random.Random(5).randbytes)
         alice = await world.user("alice", 1, home=tmp_path / "alice")
         async with trio.open_nursery() as bob_life:
             world.nursery = bob_life
             bob = await world.user("bob", 2, home=tmp_path / "bob", identity=bob_identity)
             row = alice.send(bob.key, "first")
-            await _next(bob, IncomingMessage)
+            await next_event(bob, IncomingMessage)
             bob_life.cancel_scope.cancel()
         world.nursery = nursery
         ids = [alice.send(bob_identity.public.key, f"while bob restarts {i}").id for i in range(5)]
         await trio.sleep(60)
         bob = await world.user("bob", 2, home=tmp_path / "bob", identity=bob_identity)
-        await _until_delivered(alice, {row.id, *ids}, 3600)
+        await until_delivered(alice, {row.id, *ids}, 3600)
         texts = [m.text for m in bob.history() if not m.outgoing]
         assert texts == ["first"] + [f"while bob restarts {i}" for i in range(5)]
         nursery.cancel_scope.cancel()
@@ -219,7 +175,7 @@ async def test_restarts_lose_nothing(autojump_clock: trio.testing.MockClock, tmp
 
 async def test_a_64_kib_message_and_bad_envelopes(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(45, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         big = "x" * MAX_TEXT_BYTES
@@ -241,9 +197,9 @@ async def test_a_64_kib_message_and_bad_envelopes(autojump_clock: trio.testing.M
         for entry in junk:
             await world.dht[0].append_entry(mbox, entry)
         world.hosts["bob"].set_up()
-        event = await _next(bob, IncomingMessage)
+        event = await next_event(bob, IncomingMessage)
         assert isinstance(event, IncomingMessage) and event.message.text == big
-        await _until_delivered(alice, {row.id}, 3600)
+        await until_delivered(alice, {row.id}, 3600)
         await bob.messenger.fetch_mailbox()  # the garbage is taken (and counted) at the next fetch
         assert bob.messenger.stats.dropped_undecryptable >= 2
         assert [m.text for m in bob.history() if not m.outgoing] == [big]
@@ -252,7 +208,7 @@ async def test_a_64_kib_message_and_bad_envelopes(autojump_clock: trio.testing.M
 
 async def test_blocked_identities_are_dropped(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(46, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         bob.messenger.block(alice.key)
         alice.send(bob.key, "spam")
@@ -264,7 +220,7 @@ async def test_blocked_identities_are_dropped(autojump_clock: trio.testing.MockC
 
 async def test_both_start_a_session_at_once_and_converge(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(47, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["alice"].set_down()
         world.hosts["bob"].set_down()
@@ -272,34 +228,34 @@ async def test_both_start_a_session_at_once_and_converge(autojump_clock: trio.te
         world.hosts["bob"].set_up()
         a = alice.send(bob.key, "from alice")
         b = bob.send(alice.key, "from bob")
-        await _until_delivered(alice, {a.id}, 3600)
-        await _until_delivered(bob, {b.id}, 3600)
+        await until_delivered(alice, {a.id}, 3600)
+        await until_delivered(bob, {b.id}, 3600)
         for i in range(5):  # and the session keeps working both ways
             a = alice.send(bob.key, f"a{i}")
             b = bob.send(alice.key, f"b{i}")
-            await _until_delivered(alice, {a.id}, 3600)
-            await _until_delivered(bob, {b.id}, 3600)
+            await until_delivered(alice, {a.id}, 3600)
+            await until_delivered(bob, {b.id}, 3600)
         assert [m.text for m in bob.history() if not m.outgoing] == ["from alice"] + [f"a{i}" for i in range(5)]
         nursery.cancel_scope.cancel()
 
 
 async def test_a_mailbox_holding_1000_entries(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(48, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery, count=25)
+        world = await make_world(net, nursery, count=25)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         ids = {alice.send(bob.key, f"m{i}").id for i in range(1000)}
         await trio.sleep(2 * 3600)
         assert all(m.state is MessageState.STORED for m in alice.history(bob.key))
         world.hosts["bob"].set_up()
-        await _until_delivered(alice, ids, 6 * 3600)
+        await until_delivered(alice, ids, 6 * 3600)
         assert len([m for m in bob.history() if not m.outgoing]) == 1000
         nursery.cancel_scope.cancel()
 
 
 async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(49, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         # Alice's clock runs an hour ahead of Bob's (and of the DHT's).
         host = net.add_host()
         world.hosts["alice"] = host
@@ -319,9 +275,9 @@ async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.te
         row = alice.send(bob.key, "from the future")
         await trio.sleep(600)
         world.hosts["bob"].set_up()
-        event = await _next(bob, IncomingMessage)
+        event = await next_event(bob, IncomingMessage)
         assert isinstance(event, IncomingMessage) and event.message.text == "from the future"
-        await _until_delivered(alice, {row.id}, 3600)
+        await until_delivered(alice, {row.id}, 3600)
         # Alice is not Bob's contact: her message waits as a request until he accepts it.
         contact = bob.db.contact(alice.key)
         assert contact is not None and contact.status is ContactStatus.REQUEST
@@ -329,13 +285,13 @@ async def test_clocks_an_hour_apart_and_contact_requests(autojump_clock: trio.te
         contact = bob.db.contact(alice.key)
         assert contact is not None and contact.status is ContactStatus.CONTACT and contact.name == "alice"
         reply = bob.send("alice", "accepted")
-        await _until_delivered(bob, {reply.id}, 3600)
+        await until_delivered(bob, {reply.id}, 3600)
         nursery.cancel_scope.cancel()
 
 
 async def test_a_session_the_peer_refused_is_started_over(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(50, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         row = alice.send(bob.key, "first try")
@@ -349,7 +305,7 @@ async def test_a_session_the_peer_refused_is_started_over(autojump_clock: trio.t
         with bob.db.transaction():
             bob.db.put("prekeys", x3dh.encode_prekey_state(dataclasses.replace(state, one_time_prekeys=left)))
         world.hosts["bob"].set_up()
-        await _until_delivered(alice, {row.id}, 6 * 3600)
+        await until_delivered(alice, {row.id}, 6 * 3600)
         assert alice.messenger.stats.sessions_restarted >= 1
         assert bob.messenger.stats.dropped_undecryptable >= 1
         assert [m.text for m in bob.history() if not m.outgoing] == ["first try"]
@@ -358,7 +314,7 @@ async def test_a_session_the_peer_refused_is_started_over(autojump_clock: trio.t
 
 async def test_tampered_replayed_and_impostor_messages_are_refused(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(51, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         row = alice.send(bob.key, "the real one")
@@ -375,7 +331,7 @@ async def test_tampered_replayed_and_impostor_messages_are_refused(autojump_cloc
         for payload, ttl in ((sealed, 3600), (tampered, 7200)):
             await world.dht[0].append_entry(mbox, make_entry(mbox, payload, entry_expiry(wall, ttl)))
         world.hosts["bob"].set_up()
-        await _until_delivered(alice, {row.id}, 3600)
+        await until_delivered(alice, {row.id}, 3600)
         await bob.messenger.fetch_mailbox()
         assert [m.text for m in bob.history() if not m.outgoing] == ["the real one"]  # once
         assert bob.messenger.stats.duplicates >= 1  # the replay, recognised without decrypting

@@ -9,70 +9,22 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from sim_users import World, make_world, received_text, until_delivered
 
 from p2pchat.core import envelope
 from p2pchat.core.identity import Identity
 from p2pchat.core.ids import node_id_for_key
-from p2pchat.core.nodecert import CertCache
 from p2pchat.core.pairwise import inbound_mailbox, outbound_mailbox
 from p2pchat.core.records import entry_expiry, mailbox_key, make_entry, peer_record_key, prekey_bundle_key
-from p2pchat.dht.node import DhtNode, MailboxResult
+from p2pchat.dht.node import MailboxResult
 from p2pchat.dht.store import Space
-from p2pchat.env import Env
 from p2pchat.errors import P2PChatError
 from p2pchat.messaging.db import ContactStatus, MessageDB, MessageState
-from p2pchat.messaging.messenger import MAX_CONCURRENT_MAILBOX_FETCHES, DeliveryUpdate, IncomingMessage
-from p2pchat.net.sim import SimHost, SimNetwork, open_sim_network
+from p2pchat.messaging.messenger import MAX_CONCURRENT_MAILBOX_FETCHES
+from p2pchat.net.sim import open_sim_network
 from p2pchat.node import Node
 
-from dhtsim import LINK, start_nodes
-
-
-class World:
-    """A small DHT and the users on it."""
-
-    def __init__(self, net: SimNetwork, nursery: trio.Nursery, dht: list[DhtNode], certs: CertCache) -> None:
-        self.net = net
-        self.nursery = nursery
-        self.dht = dht
-        self.certs = certs
-        self.hosts: dict[str, SimHost] = {}
-
-    async def user(self, name: str, seed: int, home: Path | None = None, identity: Identity | None = None) -> Node:
-        host = self.hosts.get(name) or self.net.add_host()
-        self.hosts[name] = host
-        env = Env.simulated(host, seed)
-        identity = identity or Identity.generate(env.random_bytes)
-        node = Node(env, identity, host=host.address, udp_port=4000, tcp_port=4001, home=home, cert_cache=self.certs)
-        await self.nursery.start(node.run)
-        assert await node.bootstrap([self.dht[seed % len(self.dht)].address]) == 1
-        return node
-
-    async def entries(self, key_of_mailbox: bytes) -> int:
-        """How many entries the DHT holds in the mailbox with this public key."""
-        return len((await self.dht[0].fetch_mailbox(mailbox_key(key_of_mailbox))).entries)
-
-
-async def _world(net: SimNetwork, nursery: trio.Nursery, count: int = 25) -> World:
-    certs = CertCache()
-    dht, _ = await start_nodes(net, nursery, count, seed=7, certs=certs)
-    return World(net, nursery, dht, certs)
-
-
-async def _received(node: Node, timeout: float = 3600) -> str:
-    with trio.fail_after(timeout):
-        while True:
-            event = await node.events.receive()
-            if isinstance(event, IncomingMessage):
-                return event.message.text
-
-
-async def _delivered(node: Node, ids: set[bytes], timeout: float = 3600) -> None:
-    with trio.fail_after(timeout):
-        while ids:
-            event = await node.events.receive()
-            if isinstance(event, DeliveryUpdate) and event.state is MessageState.DELIVERED:
-                ids.discard(event.message_id)
+from dhtsim import LINK
 
 
 async def _stored(node: Node, message_id: bytes, timeout: float = 600) -> None:
@@ -87,17 +39,17 @@ async def _contacts_who_talked(world: World) -> tuple[Node, Node]:
     alice.add_contact("bob", bob.address)
     bob.add_contact("alice", alice.address)
     first = alice.send("bob", "hello")
-    assert await _received(bob) == "hello"
-    await _delivered(alice, {first.id})
+    assert await received_text(bob) == "hello"
+    await until_delivered(alice, {first.id})
     reply = bob.send("alice", "hi")
-    assert await _received(alice) == "hi"
-    await _delivered(bob, {reply.id})
+    assert await received_text(alice) == "hi"
+    await until_delivered(bob, {reply.id})
     return alice, bob
 
 
 async def test_offline_mail_to_a_contact_goes_to_the_pairwise_mailbox(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(61, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice, bob = await _contacts_who_talked(world)
         assert alice.db.heard_from(bob.key) and bob.messenger.polled_peers() == [alice.key]
         world.hosts["bob"].set_down()
@@ -112,8 +64,8 @@ async def test_offline_mail_to_a_contact_goes_to_the_pairwise_mailbox(autojump_c
         assert alice.messenger.stats.stored_in_pairwise_mailbox == 1
         assert bob.messenger.own_mailbox_keys() == {bob.messenger.mailbox_key, mailbox_key(pairwise)}
         world.hosts["bob"].set_up()
-        assert await _received(bob) == "while you were away"
-        await _delivered(alice, {row.id})
+        assert await received_text(bob) == "while you were away"
+        await until_delivered(alice, {row.id})
         await trio.sleep(2 * 3600)  # more fetches (and Alice's direct resend): nothing shows twice
         assert [m.text for m in bob.history() if not m.outgoing] == ["hello", "while you were away"]
         assert await world.entries(pairwise) == 0  # deleted by a tombstone signed with the pairwise key
@@ -124,7 +76,7 @@ async def test_a_stranger_writes_to_the_public_mailbox_and_a_request_acknowledge
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with open_sim_network(62, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice, bob = await world.user("alice", 1), await world.user("bob", 2)
         world.hosts["bob"].set_down()
         first = alice.send(bob.key, "hello stranger")
@@ -132,10 +84,10 @@ async def test_a_stranger_writes_to_the_public_mailbox_and_a_request_acknowledge
         assert await world.entries(bob.messenger.mailbox.public.key) == 1
         assert await world.entries(outbound_mailbox(alice.identity, bob.key).public.key) == 0
         world.hosts["bob"].set_up()
-        assert await _received(bob) == "hello stranger"
+        assert await received_text(bob) == "hello stranger"
         contact = bob.db.contact(alice.key)
         assert contact is not None and contact.status is ContactStatus.REQUEST
-        await _delivered(alice, {first.id})
+        await until_delivered(alice, {first.id})
         # Bob only acknowledged a request: Alice (who has heard from him) now writes to the pairwise mailbox, which
         # Bob does not poll until he accepts -- a stranger costs him no DHT traffic.
         assert alice.db.heard_from(bob.key) and bob.messenger.polled_peers() == []
@@ -151,7 +103,7 @@ async def test_a_stranger_writes_to_the_public_mailbox_and_a_request_acknowledge
         assert await bob.messenger.fetch_mailbox() == 1
         assert [m.text for m in bob.history() if not m.outgoing] == ["hello stranger", "again"]
         world.hosts["alice"].set_up()
-        await _delivered(alice, {second.id})
+        await until_delivered(alice, {second.id})
         nursery.cancel_scope.cancel()
 
 
@@ -159,7 +111,7 @@ async def test_an_observer_with_every_public_key_cannot_name_the_mailbox(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with open_sim_network(63, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice, bob = await _contacts_who_talked(world)
         world.hosts["bob"].set_down()
         row = alice.send("bob", "private")
@@ -181,7 +133,7 @@ async def test_an_observer_with_every_public_key_cannot_name_the_mailbox(
 
 async def test_restarts_keep_what_decides_the_mailbox(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
     async with open_sim_network(64, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice_identity = Identity.generate(random.Random(11).randbytes)
         bob_identity = Identity.generate(random.Random(12).randbytes)
         async with trio.open_nursery() as first_life:
@@ -191,8 +143,8 @@ async def test_restarts_keep_what_decides_the_mailbox(autojump_clock: trio.testi
             alice.add_contact("bob", bob.address)
             bob.add_contact("alice", alice.address)
             row = alice.send("bob", "before")
-            assert await _received(bob) == "before"
-            await _delivered(alice, {row.id})
+            assert await received_text(bob) == "before"
+            await until_delivered(alice, {row.id})
             first_life.cancel_scope.cancel()
         for node in (alice, bob):
             node.db.close()
@@ -207,8 +159,8 @@ async def test_restarts_keep_what_decides_the_mailbox(autojump_clock: trio.testi
         world.hosts["bob"].set_up()
         bob = await world.user("bob", 2, home=tmp_path / "bob", identity=bob_identity)
         assert bob.messenger.polled_peers() == [alice_identity.public.key]
-        assert await _received(bob) == "after the restart"
-        await _delivered(alice, {row.id})
+        assert await received_text(bob) == "after the restart"
+        await until_delivered(alice, {row.id})
         nursery.cancel_scope.cancel()
 
 
@@ -216,7 +168,7 @@ async def test_blocked_peers_are_not_polled_and_strangers_cannot_use_a_pairwise_
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with open_sim_network(65, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice, bob = await _contacts_who_talked(world)
         # Carol somehow learned the pairwise key (she cannot derive it): what she seals there is not Alice's mail.
         carol = Identity.generate(random.Random(13).randbytes)
@@ -234,7 +186,7 @@ async def test_blocked_peers_are_not_polled_and_strangers_cannot_use_a_pairwise_
 
 async def test_mailboxes_are_fetched_concurrently_up_to_the_bound(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(66, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         bob = await world.user("bob", 2)
         peers = [Identity.generate(random.Random(100 + i).randbytes).public.key for i in range(10)]
         with bob.db.transaction():
@@ -263,7 +215,7 @@ async def test_mailboxes_are_fetched_concurrently_up_to_the_bound(autojump_clock
 
 async def test_a_fetch_fails_only_when_no_mailbox_could_be_fetched(autojump_clock: trio.testing.MockClock) -> None:
     async with open_sim_network(67, default_link=LINK) as net, trio.open_nursery() as nursery:
-        world = await _world(net, nursery)
+        world = await make_world(net, nursery, 25, seed=7)
         alice, bob = await _contacts_who_talked(world)
         fetch = bob.dht.fetch_mailbox
         broken: set[object] = {bob.messenger.mailbox_key}
