@@ -4,13 +4,18 @@ lookups that survive dead and lying nodes, and garbage that never kills a node."
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import trio
 import trio.testing
 
 from p2pchat.core.ids import NodeId
-from p2pchat.core.lookup import DISJOINT_PATHS
+from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES
+from p2pchat.core.packets import FindNode
 from p2pchat.core.routing import K
+from p2pchat.core.schema import Packet
+from p2pchat.dht.node import BOOTSTRAP_ATTEMPTS, LOSSY_OVERDUE_SHARE, DhtNode
+from p2pchat.net import Address
 from p2pchat.net.sim import open_sim_network
 
 from dhtsim import LINK, start_nodes, true_closest
@@ -84,3 +89,65 @@ async def test_garbage_datagrams_never_kill_a_node(autojump_clock: trio.testing.
         result = await victim.find_node(nodes[5].node_id)
         assert result.contacts[0].node_id == nodes[5].node_id
         nursery.cancel_scope.cancel()
+
+
+class _DeafToFindNode(DhtNode):
+    """Answers pings, but ignores its next ``deaf`` FindNode requests, every copy of each (as if all were lost)."""
+
+    deaf = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ignored: set[bytes] = set()
+
+    def _handle(self, packet: Packet, source: Address) -> Packet | None:
+        if isinstance(packet, FindNode):
+            if packet.txid in self.ignored:
+                return None
+            if self.deaf > 0:
+                self.deaf -= 1
+                self.ignored.add(packet.txid)
+                return None
+        return super()._handle(packet, source)
+
+
+async def test_a_join_lookup_nobody_answered_is_tried_again_up_to_the_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(15, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 30, seed=15)
+        gate, _ = await start_nodes(net, nursery, 1, seed=16, bootstrap_from=nodes, factory=_DeafToFindNode)
+        door = gate[0]
+        assert isinstance(door, _DeafToFindNode)
+        # Its first FindNode lost: the join looks up its own id again, and learns the network.
+        door.deaf = 1
+        joined, _ = await start_nodes(net, nursery, 1, seed=17, bootstrap_from=[door])
+        assert door.deaf == 0
+        assert len(joined[0].routing) > 1
+        # Every attempt lost: BOOTSTRAP_ATTEMPTS lookups, then the join gives up knowing only its bootstrap node.
+        door.deaf = BOOTSTRAP_ATTEMPTS + 1
+        alone, _ = await start_nodes(net, nursery, 1, seed=18, bootstrap_from=[door])
+        assert door.deaf == 1
+        assert [c.node_id for c in alone[0].routing] == [door.node_id]
+        nursery.cancel_scope.cancel()
+
+
+async def _lookup_rpcs(overdue_share: float | None) -> tuple[list[NodeId], int]:
+    """One lookup on a fresh, identical 60-node network, with the asker's overdue share set as given."""
+    async with open_sim_network(16, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 60, seed=16)
+        asker = nodes[-1]
+        assert asker.transport.overdue_share <= LOSSY_OVERDUE_SHARE  # a clean network
+        if overdue_share is not None:
+            asker.transport.overdue_share = overdue_share  # as after many unanswered requests
+        result = await asker.find_node(NodeId(random.Random(5).randbytes(20)), paths=1)
+        nursery.cancel_scope.cancel()
+    return [c.node_id for c in result.contacts], result.rpcs
+
+
+async def test_lookups_ask_spares_only_when_requests_are_often_overdue(autojump_clock: trio.testing.MockClock) -> None:
+    clean, clean_rpcs = await _lookup_rpcs(None)
+    lossy, lossy_rpcs = await _lookup_rpcs(2 * LOSSY_OVERDUE_SHARE)
+    assert lossy == clean  # the same k closest
+    # The final round also asked FINAL_ROUND_SPARES past them (on the same network, up to that moment).
+    assert lossy_rpcs >= clean_rpcs + FINAL_ROUND_SPARES

@@ -18,6 +18,7 @@ from p2pchat.core.ids import NODE_ID_BITS, NodeId
 from p2pchat.core.lookup import (
     ALPHA,
     DISJOINT_PATHS,
+    FINAL_ROUND_SPARES,
     MAX_ADDRESSES_PER_CANDIDATE,
     MAX_CANDIDATES_PER_K,
     MAX_CONTACTS_PER_REPLY,
@@ -567,29 +568,61 @@ def test_an_overdue_request_frees_its_slot_and_its_late_reply_still_counts() -> 
     assert [c.distance for c in lookup.result()] == [10, 20, 30]
 
 
-def test_a_lookup_waits_for_overdue_nodes_only_when_too_few_have_answered() -> None:
+def test_a_lookup_waits_for_overdue_nodes_only_when_too_few_have_answered_or_it_is_the_closest() -> None:
     target = NodeId.from_int(0)
     seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20, 30)]
-    # k = 2 answered can be found past the overdue node: it is not waited for.
+    # k = 2 answered can be found past the overdue node, and a closer one answered: it is not waited for.
     lookup = Lookup(target, seeds, k=2, alpha=3)
     assert [c.distance for c in lookup.next_requests()] == [10, 20]
-    assert lookup.on_slow(NodeId.from_int(10))
+    assert lookup.on_slow(NodeId.from_int(20))
     assert [c.distance for c in lookup.next_requests()] == [30]  # the window moves past the overdue node
-    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert lookup.on_reply(NodeId.from_int(10), [])
     assert not lookup.done
     assert lookup.on_reply(NodeId.from_int(30), [])
     assert lookup.done
-    assert [c.distance for c in lookup.result()] == [20, 30]
+    assert [c.distance for c in lookup.result()] == [10, 30]
+    # The closest node overdue (its datagram may have been lost and sent again) is waited for to the end.
+    lookup = Lookup(target, seeds, k=2, alpha=3)
+    lookup.next_requests()
+    assert lookup.on_slow(NodeId.from_int(10))
+    lookup.next_requests()
+    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert lookup.on_reply(NodeId.from_int(30), [])
+    assert not lookup.done
+    assert lookup.on_reply(NodeId.from_int(10), [])  # a late reply is taken
+    assert lookup.done
+    assert [c.distance for c in lookup.result()] == [10, 20]
     # Fewer than k answered and nothing left to ask: the overdue one may still answer, so it is waited for.
     lookup = Lookup(target, seeds, k=3, alpha=3)
     lookup.next_requests()
-    assert lookup.on_slow(NodeId.from_int(10))
-    assert lookup.on_reply(NodeId.from_int(20), [])
+    assert lookup.on_slow(NodeId.from_int(20))
+    assert lookup.on_reply(NodeId.from_int(10), [])
     assert lookup.on_reply(NodeId.from_int(30), [])
     assert not lookup.done
-    assert lookup.on_failure(NodeId.from_int(10))
+    assert lookup.on_failure(NodeId.from_int(20))
     assert lookup.done
-    assert [c.distance for c in lookup.result()] == [20, 30]
+    assert [c.distance for c in lookup.result()] == [10, 30]
+
+
+def test_spares_are_asked_past_the_k_closest_in_the_final_round_only() -> None:
+    target = NodeId.from_int(0)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in range(10, 100, 10)]
+    lookup = Lookup(target, seeds, k=3, alpha=1, spares=FINAL_ROUND_SPARES)
+    assert [c.distance for c in lookup.next_requests()] == [10]  # alpha at a time until converged
+    assert lookup.on_reply(NodeId.from_int(10), [])
+    # Converged: the rest of the k closest and FINAL_ROUND_SPARES past them, at once.
+    asked = [c.distance for c in lookup.next_requests()]
+    assert asked == [20, 30, 40, 50, 60][: 2 + FINAL_ROUND_SPARES]
+    assert lookup.on_slow(NodeId.from_int(20))  # lost or dead: a spare already asked takes its place
+    for d in asked[1:]:
+        lookup.on_reply(NodeId.from_int(d), [])
+    assert lookup.done
+    assert [c.distance for c in lookup.result()] == [10, 30, 40]
+    assert lookup.rpcs == 1 + len(asked)
+    plain = Lookup(target, seeds, k=3, alpha=1)
+    plain.next_requests()
+    plain.on_reply(NodeId.from_int(10), [])
+    assert [c.distance for c in plain.next_requests()] == [20, 30]  # no spares by default
 
 
 def test_a_liar_naming_fabricated_nodes_costs_one_round_of_timeouts() -> None:

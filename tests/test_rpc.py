@@ -12,11 +12,21 @@ from p2pchat.core.framing import encode_datagram
 from p2pchat.core.identity import Identity
 from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
-from p2pchat.core.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO, SOFT_TIMEOUT_SHARE, RttEstimator, TimeoutPolicy
+from p2pchat.core.rtt import (
+    INITIAL_RTO,
+    MAX_RTO,
+    MIN_RTO,
+    SOFT_TIMEOUT_SHARE,
+    TRUSTED_SAMPLES,
+    RttEstimator,
+    TimeoutPolicy,
+)
 from p2pchat.core.schema import Packet
+from p2pchat.dht import rpc
 from p2pchat.dht.rpc import (
     MAX_PENDING_REQUESTS,
     MAX_SETTLED_DEADLINES,
+    OVERDUE_WEIGHT,
     RequestTimeoutError,
     RpcTransport,
     TooManyRequestsError,
@@ -54,8 +64,12 @@ async def test_request_gets_its_reply_and_measures_rtt(autojump_clock: trio.test
             reply = await a.request(Ping(a.new_txid(), None), b.local_address)
             assert isinstance(reply, Pong)
             assert (reply.observed_host, reply.observed_port) == a.local_address
-            assert a.timeouts.timeout(b.local_address) < INITIAL_RTO
-            assert b.stats.requests_served == 1
+            # One sample is not trusted yet: a node that has measured almost nothing keeps the initial timeout.
+            assert a.timeouts.timeout(b.local_address) == INITIAL_RTO
+            for _ in range(TRUSTED_SAMPLES - 1):
+                await a.request(Ping(a.new_txid(), None), b.local_address)
+            assert a.timeouts.timeout(b.local_address) == MIN_RTO  # 30 ms round trips: the floor
+            assert b.stats.requests_served == TRUSTED_SAMPLES
             nursery.cancel_scope.cancel()
 
 
@@ -248,3 +262,132 @@ def test_the_soft_timeout_is_a_share_of_the_timeout() -> None:
     policy.observe("x", 0.2)
     assert policy.soft_timeout("x") == pytest.approx(SOFT_TIMEOUT_SHARE * policy.timeout("x"))
     assert policy.soft_timeout("x") > 0.2  # above the round trip the estimator expects
+
+
+def test_a_peer_measured_fewer_than_trusted_samples_times_gets_at_least_the_overall_timeout() -> None:
+    policy = TimeoutPolicy()
+    for _ in range(TRUSTED_SAMPLES):
+        policy.observe("slow", 0.4)
+    policy.observe("lucky", 0.05)  # one short round trip says little
+    assert policy.timeout("lucky") == pytest.approx(policy.overall.rto())
+    for _ in range(TRUSTED_SAMPLES - 1):
+        policy.observe("lucky", 0.05)
+    assert policy.timeout("lucky") == MIN_RTO  # trusted now: its own estimate alone
+
+
+def _deaf(times: int) -> Callable[[Packet, Address], Packet | None]:
+    """A handler that ignores the first *times* requests (as if lost), then answers pings."""
+    heard = [0]
+
+    def handler(packet: Packet, source: Address) -> Packet | None:
+        heard[0] += 1
+        if heard[0] <= times:
+            return None
+        return pong_handler(packet, source)
+
+    return handler
+
+
+async def _lookup_request(transport: RpcTransport, destination: Address, timeout: float | None = None) -> Packet | None:
+    """One request as a lookup sends it (with an overdue callback, so it may be sent again); its reply or None."""
+    done = trio.Event()
+    got: list[Packet | None] = []
+
+    def callback(reply: Packet | None) -> None:
+        got.append(reply)
+        done.set()
+
+    transport.send_request(
+        Ping(transport.new_txid(), None), destination, callback, timeout=timeout, on_slow=lambda: None
+    )
+    await done.wait()
+    return got[0]
+
+
+RESENDS = 2
+"""What the resend tests set :data:`RETRANSMITS` to, so that they hold whatever it ships as."""
+
+
+async def test_a_lookup_request_unanswered_at_its_soft_timeout_is_sent_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rpc, "RETRANSMITS", RESENDS)
+    async with open_sim_network(9, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2, handler=_deaf(RESENDS))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            start = trio.current_time()
+            assert isinstance(await _lookup_request(a, b.local_address, timeout=0.3), Pong)
+            # The last copy (RESENDS soft timeouts after the first send) was answered: past the first deadline,
+            # which moved on (by the timeout, from the first resend) so that a copy's reply could still arrive.
+            elapsed = trio.current_time() - start
+            assert elapsed == pytest.approx(RESENDS * SOFT_TIMEOUT_SHARE * 0.3 + 0.060)
+            assert elapsed > 0.3
+            assert a.stats.retransmits == RESENDS
+            assert b.stats.dropped_by_handler == RESENDS
+            assert a.stats.timeouts == 0
+            # Karn's rule: which copy the reply answered is unknown, so no round trip was measured.
+            assert a.timeouts.overall.samples == 0
+            assert a.overdue_share == pytest.approx(OVERDUE_WEIGHT)
+            # A request whose timeout is already the ceiling is not extended past it: one resend fits.
+            assert await _lookup_request(a, Address("10.9.9.9", 4000)) is None
+            assert a.stats.retransmits == RESENDS + 1
+            # A request that is not a lookup's is never sent again.
+            with pytest.raises(RequestTimeoutError):
+                await a.request(Ping(a.new_txid(), None), Address("10.9.9.9", 4000))
+            assert a.stats.retransmits == RESENDS + 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_lookup_request_is_sent_at_most_retransmits_times_more(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rpc, "RETRANSMITS", RESENDS)
+    async with open_sim_network(10, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2, handler=_deaf(10**6))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            start = trio.current_time()
+            assert await _lookup_request(a, b.local_address, timeout=0.3) is None
+            assert trio.current_time() - start == pytest.approx(SOFT_TIMEOUT_SHARE * 0.3 + 0.3)
+            assert a.stats.retransmits == RESENDS
+            assert b.stats.dropped_by_handler == 1 + RESENDS
+            assert a.stats.timeouts == 1
+            assert a.pending_count() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_with_resends_off_an_overdue_request_is_sent_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rpc, "RETRANSMITS", 0)
+    async with open_sim_network(12, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2, handler=_deaf(10**6))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            start = trio.current_time()
+            assert await _lookup_request(a, b.local_address, timeout=0.3) is None
+            assert trio.current_time() - start == pytest.approx(0.3)  # and the deadline did not move
+            assert a.stats.retransmits == 0
+            assert b.stats.dropped_by_handler == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_overdue_share_falls_as_requests_are_answered_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(11, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            # Overdue: its soft timeout (half of 40 ms) passes before the 60 ms round trip ends, then it times out.
+            assert await _lookup_request(a, b.local_address, timeout=0.040) is None
+            assert a.overdue_share == pytest.approx(OVERDUE_WEIGHT)
+            for _ in range(3):
+                assert isinstance(await _lookup_request(a, b.local_address, timeout=0.5), Pong)
+            assert a.overdue_share == pytest.approx(OVERDUE_WEIGHT * (1 - OVERDUE_WEIGHT) ** 3)
+            nursery.cancel_scope.cancel()

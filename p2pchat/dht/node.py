@@ -29,7 +29,7 @@ import trio
 
 from p2pchat.core.identity import Identity
 from p2pchat.core.ids import NodeId
-from p2pchat.core.lookup import ALPHA, DISJOINT_PATHS, Candidate, DisjointLookup, Lookup
+from p2pchat.core.lookup import ALPHA, DISJOINT_PATHS, FINAL_ROUND_SPARES, Candidate, DisjointLookup, Lookup
 from p2pchat.core.nodecert import CERT_REISSUE_AFTER, CertCache, NodeCert, issue_cert
 from p2pchat.core.packets import (
     MAX_ENTRY_IDS_PER_REPLY,
@@ -90,8 +90,10 @@ __all__ = [
     "CROWDING_FACTOR",
     "FETCH_WINDOW",
     "HANDOVER_GIVERS",
+    "HANDOVER_GIVER_SEEN_WITHIN",
     "HANDOVER_INTERVAL",
     "LIVENESS_QUEUE_SIZE",
+    "LOSSY_OVERDUE_SHARE",
     "MAINTENANCE_INTERVAL",
     "MAX_MAILBOX_PAGES",
     "MAX_PUBLISHED",
@@ -116,6 +118,10 @@ newcomer just waits in the replacement cache."""
 MAINTENANCE_INTERVAL: Final = 60.0
 """Seconds between maintenance passes (stale bucket refresh, certificate renewal, expiry sweep)."""
 
+LOSSY_OVERDUE_SHARE: Final = 0.03
+"""Share of overdue requests (:attr:`RpcTransport.overdue_share`) above which lookups ask
+:data:`~p2pchat.core.lookup.FINAL_ROUND_SPARES` spares in their final round."""
+
 HANDOVER_INTERVAL: Final = 60.0
 """Seconds between checks whether new nodes joined the neighbourhood of stored keys (then data is handed over)."""
 
@@ -129,6 +135,12 @@ pairwise mailbox, which by chance shared its top bits with a Sybil cluster's tar
 HANDOVER_GIVERS: Final = 3
 """Holders of a key that hand it over: a node gives a key to new neighbours of the key only while fewer than this
 many live nodes it knows are closer to the key than itself."""
+
+HANDOVER_GIVER_SEEN_WITHIN: Final = 15 * 60.0
+"""A closer holder counts among the :data:`HANDOVER_GIVERS` only if it was heard from this recently (seconds; the
+neighbourhood's refresh interval).  *Why:* a holder that left stays in routing tables until a request to it
+fails, and nodes near a key rarely ask each other anything; counted, departed holders kept the live ones silent,
+and under heavy churn a key ended up on 11 nodes, 9 of them among its 20 closest."""
 
 REPUBLISH_INTERVAL: Final = 3600.0
 """Seconds between an owner's republishes of the records it put, so they outlive every replica that held them."""
@@ -851,7 +863,11 @@ class DhtNode:
             seeds += [c for c in self.routing.closest(target, wanted, exclude_failing=False) if c.node_id not in seen]
             seeds = seeds[:wanted]
         self.routing.touch_bucket(target, trio.current_time())
-        plain = Lookup(target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address)
+        # Spares in the final round only where requests often go unanswered: on a clean network they only cost.
+        spares = FINAL_ROUND_SPARES if self.transport.overdue_share > LOSSY_OVERDUE_SHARE else 0
+        plain = Lookup(
+            target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, spares=spares, make_address=Address
+        )
         await self._drive(plain, request_for, reply_type, on_answer)
         if paths == 1 or not self._crowded(target, plain.result()):
             return plain
@@ -952,7 +968,11 @@ class DhtNode:
         if answered:
             # Our own neighbourhood; farther buckets fill from the traffic that follows and from refreshes.  (Looking
             # up every far bucket at once cost ~150 requests per join and made a growing network's joins quadratic.)
-            await self.find_node(self.node_id, paths=1)
+            # A lookup that nobody answered (a lossy path lost the request and its resend) is tried again: a node
+            # that knows only its bootstrap nodes is all but invisible until its next refresh.
+            for _ in range(BOOTSTRAP_ATTEMPTS):
+                if (await self.find_node(self.node_id, paths=1)).contacts:
+                    break
         return answered
 
     # --- parts -----------------------------------------------------------------------------------------------
@@ -1319,13 +1339,18 @@ class DhtNode:
         if self.client_mode:
             return 0
         given = 0
+        now = trio.current_time()
         for group, key in self.store.keys():  # noqa: SIM118 - a method, not a dict
             if group is Space.COMPAT:
                 continue
             closest = self.routing.closest(key, self.k)
             own = self.node_id.distance(key)
             handed = self._handed.setdefault((group, key), set())
-            if sum(c.node_id in handed and c.node_id.distance(key) < own for c in closest) >= HANDOVER_GIVERS:
+            fresh = now - HANDOVER_GIVER_SEEN_WITHIN
+            givers = sum(
+                c.node_id in handed and c.last_seen >= fresh and c.node_id.distance(key) < own for c in closest
+            )
+            if givers >= HANDOVER_GIVERS:
                 # HANDOVER_GIVERS live nodes closer to the key than we are hold it: they hand it over, and our copy
                 # lives out its expiry.  (The Kademlia paper's "only the closest holder transfers", with a few more
                 # so that one giver offline or behind does not stall it.)  Every holder giving to every newcomer
