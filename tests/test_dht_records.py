@@ -29,7 +29,14 @@ from p2pchat.core.records import (
 )
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import TOKEN_ROTATION
-from p2pchat.dht.node import HANDOVER_INTERVAL, REPUBLISH_INTERVAL, DhtConfig, DhtNode
+from p2pchat.dht.node import (
+    HANDOVER_GIVER_SEEN_WITHIN,
+    HANDOVER_GIVERS,
+    HANDOVER_INTERVAL,
+    REPUBLISH_INTERVAL,
+    DhtConfig,
+    DhtNode,
+)
 from p2pchat.dht.rpc import RpcTransport
 from p2pchat.dht.store import Space, StoreLimits
 from p2pchat.env import Env
@@ -391,4 +398,29 @@ async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio
         assert len(closest & holders) >= 18
         assert len(holders) <= 30, len(holders)
         assert (await live[-1].get_record(RecordKind.PEER, owner.public.key)).record == record
+        nursery.cancel_scope.cancel()
+
+
+async def test_departed_holders_do_not_keep_the_live_ones_from_handing_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(17, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 12, seed=17)
+        me = nodes[0]
+        others = [me.routing.get(n.node_id) for n in nodes[1 : 2 + HANDOVER_GIVERS]]
+        holders = [c for c in others if c is not None]
+        assert len(holders) == 1 + HANDOVER_GIVERS
+        # Heard from lately: they count without a word sent.
+        sent = me.transport.stats.requests_sent
+        assert await me._givers_alive(holders)
+        assert me.transport.stats.requests_sent == sent
+        # Unheard from for longer than HANDOVER_GIVER_SEEN_WITHIN: each is pinged, and the live ones count.
+        await trio.sleep(HANDOVER_GIVER_SEEN_WITHIN + 1)
+        hosts[1].set_down()
+        assert await me._givers_alive(holders)  # one of 1 + HANDOVER_GIVERS left: enough answer
+        assert me.transport.stats.requests_sent == sent + len(holders)
+        # Too many departed: this node must give the key to the newcomers itself.
+        hosts[2].set_down()
+        await trio.sleep(HANDOVER_GIVER_SEEN_WITHIN + 1)
+        assert not await me._givers_alive(holders)
         nursery.cancel_scope.cancel()

@@ -137,10 +137,8 @@ HANDOVER_GIVERS: Final = 3
 many live nodes it knows are closer to the key than itself."""
 
 HANDOVER_GIVER_SEEN_WITHIN: Final = 15 * 60.0
-"""A closer holder counts among the :data:`HANDOVER_GIVERS` only if it was heard from this recently (seconds; the
-neighbourhood's refresh interval).  *Why:* a holder that left stays in routing tables until a request to it
-fails, and nodes near a key rarely ask each other anything; counted, departed holders kept the live ones silent,
-and under heavy churn a key ended up on 11 nodes, 9 of them among its 20 closest."""
+"""A closer holder counts among the :data:`HANDOVER_GIVERS` if it was heard from this recently (seconds; the
+neighbourhood's refresh interval), or answers a ping (see :meth:`DhtNode._givers_alive`)."""
 
 REPUBLISH_INTERVAL: Final = 3600.0
 """Seconds between an owner's republishes of the records it put, so they outlive every replica that held them."""
@@ -1339,18 +1337,13 @@ class DhtNode:
         if self.client_mode:
             return 0
         given = 0
-        now = trio.current_time()
         for group, key in self.store.keys():  # noqa: SIM118 - a method, not a dict
             if group is Space.COMPAT:
                 continue
             closest = self.routing.closest(key, self.k)
             own = self.node_id.distance(key)
             handed = self._handed.setdefault((group, key), set())
-            fresh = now - HANDOVER_GIVER_SEEN_WITHIN
-            givers = sum(
-                c.node_id in handed and c.last_seen >= fresh and c.node_id.distance(key) < own for c in closest
-            )
-            if givers >= HANDOVER_GIVERS:
+            if await self._givers_alive([c for c in closest if c.node_id in handed and c.node_id.distance(key) < own]):
                 # HANDOVER_GIVERS live nodes closer to the key than we are hold it: they hand it over, and our copy
                 # lives out its expiry.  (The Kademlia paper's "only the closest holder transfers", with a few more
                 # so that one giver offline or behind does not stall it.)  Every holder giving to every newcomer
@@ -1370,6 +1363,29 @@ class DhtNode:
                 self._handed[(group, key)] = handed & current
         self.handovers += given
         return given
+
+    async def _givers_alive(self, holders: list[Contact]) -> bool:
+        """Whether :data:`HANDOVER_GIVERS` of *holders* (known holders closer to a key than we are, closest first)
+        are alive: heard from within :data:`HANDOVER_GIVER_SEEN_WITHIN`, or answering a ping now.
+
+        *Why ask:* a holder that left stays in routing tables until a request to it fails, and nodes near a key
+        rarely ask each other anything, so departed holders counted as givers kept the live ones silent (under
+        heavy churn a key ended up on 11 nodes, 9 of them among its 20 closest).  Not counting a holder unheard
+        from instead made every holder give in a quiet network, and records spread to over a hundred nodes.  A
+        ping settles it, and refreshes the contact for every other key it holds.
+        """
+        cutoff = trio.current_time() - HANDOVER_GIVER_SEEN_WITHIN
+        alive = 0
+        for contact in holders:
+            if contact.last_seen < cutoff:
+                try:
+                    await self._ask_ping(contact.address, expected=contact.node_id)
+                except (RequestTimeoutError, ProtocolError):
+                    continue
+            alive += 1
+            if alive >= HANDOVER_GIVERS:
+                return True
+        return False
 
     async def _give(self, contact: Contact, group: Space, key: NodeId) -> bool:
         wall = self.env.wall_time()

@@ -63,8 +63,8 @@ MAX_PENDING_REQUESTS: Final = 4096
 RETRANSMITS: Final = 2
 """Times a lookup request still unanswered is sent again (at its soft timeout, then again one soft timeout later)
 before its timeout settles it.  With 5% loss each way a request or its reply is lost one time in ten; two resends
-make that one in a thousand.  On the WAN scenario they took the lookups that find the closest live node from 90%
-to 99.9% (p99 2.4 s to 1.6 s): a lookup had given up on that node at its timeout.  Only lookup requests (those
+make that one in a thousand.  On the WAN scenario they took the lookups that find the closest live node from 91%
+to 99% (p99 2.2 s to 1.8 s): a lookup had given up on that node at its timeout.  Only lookup requests (those
 with an overdue callback) are resent; a plain request's caller retries as it sees fit (parts, pings)."""
 
 OVERDUE_WEIGHT: Final = 1 / 64
