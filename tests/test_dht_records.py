@@ -372,13 +372,12 @@ async def test_unknown_error_codes_are_only_refusals(autojump_clock: trio.testin
         nursery.cancel_scope.cancel()
 
 
-async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio.testing.MockClock) -> None:
-    # Under churn at a steady size, the live holders of a key must stay the nodes near it.  If every holder handed
-    # over to the closest nodes *it* knew (its table is complete near its own id, not near the key), the key would
-    # spread outward with each round of joins and hand-over traffic would grow without end.
-    async with open_sim_network(14, default_link=LINK) as net, trio.open_nursery() as nursery:
-        nodes, hosts = await start_nodes(net, nursery, 150, seed=14)
-        rng = random.Random(4)
+async def _churned_key(seed: int) -> tuple[int, int, bool]:
+    """Put a record on 150 nodes, replace 15 of them every 5 minutes for an hour; how many of the key's k closest
+    live nodes hold it, how many live nodes hold it, and whether a get still finds it."""
+    async with open_sim_network(seed, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 150, seed=seed)
+        rng = random.Random(seed - 10)
         owner = Identity.generate(rng.randbytes)
         key = record_key(RecordKind.PEER, owner.public.key)
         record = _record(nodes[0].env, owner, 1, b"stays near its key")
@@ -388,17 +387,28 @@ async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio
             for node in rng.sample(sorted(alive, key=lambda n: n.node_id), 15):
                 alive.pop(node).set_down()
             joined, joined_hosts = await start_nodes(
-                net, nursery, 15, seed=20 + round_, bootstrap_from=list(alive), certs=nodes[0].certs
+                net, nursery, 15, seed=seed + 6 + round_, bootstrap_from=list(alive), certs=nodes[0].certs
             )
             alive.update(zip(joined, joined_hosts, strict=True))
             await trio.sleep(5 * HANDOVER_INTERVAL)
         live = [nodes[0], *alive]
         holders = {n.node_id for n in _holders(live, key)}
         closest = set(true_closest(live, key))
-        assert len(closest & holders) >= 18
-        assert len(holders) <= 30, len(holders)
-        assert (await live[-1].get_record(RecordKind.PEER, owner.public.key)).record == record
+        found = (await live[-1].get_record(RecordKind.PEER, owner.public.key)).record == record
         nursery.cancel_scope.cancel()
+    return len(closest & holders), len(holders), found
+
+
+async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio.testing.MockClock) -> None:
+    # Under churn at a steady size, the live holders of a key must stay the nodes near it.  If every holder handed
+    # over to the closest nodes *it* knew (its table is complete near its own id, not near the key), the key would
+    # spread outward with each round of joins and hand-over traffic would grow without end.  Four seeds, because
+    # one run's count moves by two or three with any change to the timing of anything (measured over 20 seeds of
+    # this workload: mean 18.55 of the 20 closest, fewest 14).
+    runs = [await _churned_key(seed) for seed in (14, 15, 16, 17)]
+    assert all(found for _, _, found in runs)
+    assert sum(near for near, _, _ in runs) / len(runs) >= 18, runs
+    assert all(holders <= 30 for _, holders, _ in runs), runs
 
 
 async def test_departed_holders_do_not_keep_the_live_ones_from_handing_over(
@@ -412,15 +422,39 @@ async def test_departed_holders_do_not_keep_the_live_ones_from_handing_over(
         assert len(holders) == 1 + HANDOVER_GIVERS
         # Heard from lately: they count without a word sent.
         sent = me.transport.stats.requests_sent
-        assert await me._givers_alive(holders)
+        assert await me._alive(holders, HANDOVER_GIVERS)
         assert me.transport.stats.requests_sent == sent
         # Unheard from for longer than HANDOVER_GIVER_SEEN_WITHIN: each is pinged, and the live ones count.
         await trio.sleep(HANDOVER_GIVER_SEEN_WITHIN + 1)
         hosts[1].set_down()
-        assert await me._givers_alive(holders)  # one of 1 + HANDOVER_GIVERS left: enough answer
+        assert await me._alive(holders, HANDOVER_GIVERS)  # one of 1 + HANDOVER_GIVERS left: enough answer
         assert me.transport.stats.requests_sent == sent + len(holders)
         # Too many departed: this node must give the key to the newcomers itself.
         hosts[2].set_down()
         await trio.sleep(HANDOVER_GIVER_SEEN_WITHIN + 1)
-        assert not await me._givers_alive(holders)
+        assert not await me._alive(holders, HANDOVER_GIVERS)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_outside_the_k_closest_it_knows_does_not_hand_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Without this rule keys spread outward: in the baseline simulation a record ended up on 135 live nodes.
+    async with open_sim_network(18, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 40, seed=18)
+        owner = Identity.generate(random.Random(6).randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        blob = encode_record(_record(nodes[0].env, owner, 1, b"left behind"))
+        by_distance = sorted(nodes, key=lambda n: n.node_id.distance(key))
+        far, near = by_distance[-1], by_distance[0]
+        assert (
+            len([c for c in far.routing.closest(key, far.k) if c.node_id.distance(key) < far.node_id.distance(key)])
+            == far.k
+        )
+        for node in (far, near):
+            assert node.store.put(Space.RECORD, key, blob, "10.0.0.1", node.env.wall_time())
+        sent = far.transport.stats.requests_sent
+        assert await far.hand_over() == 0  # k nodes it knows are closer: not its job
+        assert far.transport.stats.requests_sent == sent
+        assert await near.hand_over() > 0  # the closest node gives it to its k closest
         nursery.cancel_scope.cancel()

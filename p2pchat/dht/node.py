@@ -138,7 +138,8 @@ many live nodes it knows are closer to the key than itself."""
 
 HANDOVER_GIVER_SEEN_WITHIN: Final = 15 * 60.0
 """A closer holder counts among the :data:`HANDOVER_GIVERS` if it was heard from this recently (seconds; the
-neighbourhood's refresh interval), or answers a ping (see :meth:`DhtNode._givers_alive`)."""
+neighbourhood's refresh interval), or answers a ping (see :meth:`DhtNode._alive`); so does each of the k closer
+nodes that tell a holder it is no longer among the k closest to a key."""
 
 REPUBLISH_INTERVAL: Final = 3600.0
 """Seconds between an owner's republishes of the records it put, so they outlive every replica that held them."""
@@ -1342,8 +1343,15 @@ class DhtNode:
                 continue
             closest = self.routing.closest(key, self.k)
             own = self.node_id.distance(key)
+            closer = [c for c in closest if c.node_id.distance(key) < own]
+            if len(closer) >= self.k and await self._alive(closer, self.k):
+                # We know k live nodes closer to the key than we are: we are no longer among those responsible for
+                # it, and our copy lives out its expiry.  Giving from out here spread keys outward without end:
+                # each node beyond the k closest gave to the k closest *it* knew, some of them farther out still
+                # (in the baseline simulation a record ended on 135 live nodes).
+                continue
             handed = self._handed.setdefault((group, key), set())
-            if await self._givers_alive([c for c in closest if c.node_id in handed and c.node_id.distance(key) < own]):
+            if await self._alive([c for c in closer if c.node_id in handed], HANDOVER_GIVERS):
                 # HANDOVER_GIVERS live nodes closer to the key than we are hold it: they hand it over, and our copy
                 # lives out its expiry.  (The Kademlia paper's "only the closest holder transfers", with a few more
                 # so that one giver offline or behind does not stall it.)  Every holder giving to every newcomer
@@ -1364,26 +1372,30 @@ class DhtNode:
         self.handovers += given
         return given
 
-    async def _givers_alive(self, holders: list[Contact]) -> bool:
-        """Whether :data:`HANDOVER_GIVERS` of *holders* (known holders closer to a key than we are, closest first)
-        are alive: heard from within :data:`HANDOVER_GIVER_SEEN_WITHIN`, or answering a ping now.
+    async def _alive(self, contacts: list[Contact], needed: int) -> bool:
+        """Whether *needed* of *contacts* (closest first) are alive: heard from within
+        :data:`HANDOVER_GIVER_SEEN_WITHIN`, or answering a ping now.
 
-        *Why ask:* a holder that left stays in routing tables until a request to it fails, and nodes near a key
+        *Why ask:* a node that left stays in routing tables until a request to it fails, and nodes near a key
         rarely ask each other anything, so departed holders counted as givers kept the live ones silent (under
-        heavy churn a key ended up on 11 nodes, 9 of them among its 20 closest).  Not counting a holder unheard
-        from instead made every holder give in a quiet network, and records spread to over a hundred nodes.  A
-        ping settles it, and refreshes the contact for every other key it holds.
+        heavy churn a key ended up on 11 nodes, 9 of them among its 20 closest).  Not counting a contact unheard
+        from instead made every holder give in a quiet network.  A ping settles it, and refreshes the contact for
+        every other key.
         """
+        if len(contacts) < needed:
+            return False
         cutoff = trio.current_time() - HANDOVER_GIVER_SEEN_WITHIN
         alive = 0
-        for contact in holders:
+        for index, contact in enumerate(contacts):
+            if alive + len(contacts) - index < needed:
+                return False  # too few left to make it
             if contact.last_seen < cutoff:
                 try:
                     await self._ask_ping(contact.address, expected=contact.node_id)
                 except (RequestTimeoutError, ProtocolError):
                     continue
             alive += 1
-            if alive >= HANDOVER_GIVERS:
+            if alive >= needed:
                 return True
         return False
 
