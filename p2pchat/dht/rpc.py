@@ -13,11 +13,11 @@ needs no task, cancel scope or event per request; it can also be told when a req
 timeout, :meth:`~p2pchat.core.rtt.TimeoutPolicy.soft_timeout`), so a lookup can ask someone else
 meanwhile.  Every pending request's deadlines sit in one heap, watched by one timer task.
 
-A request still unanswered at its soft timeout is sent once more, same bytes, same transaction id (a lost
-datagram is the common case on a lossy path, and waiting for the full timeout to ask someone else would drop a
-live node from a lookup's result).  Its eventual reply matches either copy; its round trip is not measured
-(Karn's rule: it cannot be told which copy it answers).  Requests are idempotent for the server: find_node and
-find_value only read, and a repeated store is answered from the store's own memory of recent stores.
+A lookup request still unanswered at its soft timeout is sent again, same bytes, same transaction id, up to
+:data:`RETRANSMITS` times (a lost datagram is the common case on a lossy path, and a lookup that gave up on a
+node at its timeout dropped a live node from its result).  Its eventual reply matches any copy; its round trip
+is not measured (Karn's rule: it cannot be told which copy it answers).  Lookup requests only read, so a copy
+answered twice costs a reply, nothing else.
 """
 
 from __future__ import annotations
@@ -323,10 +323,11 @@ class RpcTransport:
                 if soft:
                     if pending_requests.get(key) is not pending:
                         continue
-                    if not pending.overdue:
+                    first_overdue = not pending.overdue
+                    if first_overdue:
                         pending.overdue = True
                         self.overdue_share += (1.0 - self.overdue_share) * OVERDUE_WEIGHT
-                    if pending.resends == RETRANSMITS > 0:
+                    if first_overdue and pending.resends > 0:
                         # The copies get the round trip the first send had, within the ceiling counted from the
                         # first send: the first deadline would often come before an answer to a copy could.
                         wait = pending.deadline - pending.sent_at
