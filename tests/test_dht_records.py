@@ -20,6 +20,7 @@ from p2pchat.core.records import (
     SignedRecord,
     encode_entry,
     encode_record,
+    encode_tombstone,
     entry_expiry,
     mailbox_key,
     make_entry,
@@ -173,6 +174,36 @@ async def test_mailbox_append_fetch_delete_and_the_largest_values(autojump_clock
         big = _record(nodes[0].env, owner, 1, rng.randbytes(MAX_VALUE_BYTES))
         assert (await nodes[1].put_record(big)).stored >= 19
         assert (await nodes[30].get_record(RecordKind.PEER, owner.public.key)).record == big
+        nursery.cancel_scope.cancel()
+
+
+async def test_hand_over_gives_a_tombstone_only_where_it_deletes_something(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every tombstone to every newcomer made hand-over traffic grow for as long as a mailbox was in use.
+    async with open_sim_network(19, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 6, seed=19)
+        giver, stale, fresh = nodes[0], nodes[1], nodes[2]
+        rng = random.Random(5)
+        mailbox = Identity.generate(rng.randbytes)
+        mbox = mailbox_key(mailbox.public.key)
+        wall = giver.env.wall_time()
+        gone, kept = (make_entry(mbox, rng.randbytes(50), entry_expiry(wall)) for _ in range(2))
+        tombstone = sign_tombstone(mailbox, [gone.entry_id], int(wall))
+        assert giver.store.put(Space.ENTRY, mbox, encode_entry(kept), "10.0.0.1", wall)
+        assert giver.store.put(Space.TOMBSTONE, mbox, encode_tombstone(tombstone), "10.0.0.1", wall)
+        assert stale.store.put(Space.ENTRY, mbox, encode_entry(gone), "10.0.0.1", wall)  # away when it was deleted
+
+        def held(node: DhtNode) -> tuple[set[bytes], int]:
+            items = node.store.items_for(Space.ENTRY, mbox)
+            return {i.item_id for i in items if i.space is Space.ENTRY}, sum(i.space is Space.TOMBSTONE for i in items)
+
+        for node in (stale, fresh):
+            contact = giver.routing.get(node.node_id)
+            assert contact is not None
+            assert await giver._give(contact, Space.ENTRY, mbox)
+        assert held(stale) == ({kept.entry_id}, 1)  # the tombstone deleted what it held
+        assert held(fresh) == ({kept.entry_id}, 0)  # nothing for the tombstone to delete: not sent
         nursery.cancel_scope.cancel()
 
 

@@ -1417,7 +1417,7 @@ class DhtNode:
             if reply.seq is not None and reply.seq >= item.seq:
                 return True
             return await self._store_blob(contact.address, key, ItemSpace.RECORD, reply.token, item.blob)
-        # A mailbox: push the entries it lacks and every tombstone (tombstones are few, and must not be missed).
+        # A mailbox: push the entries it lacks, and the tombstones that delete entries it still holds.
         held = await self._list_entries(contact.address, key)
         if held is None:
             return False
@@ -1426,6 +1426,13 @@ class DhtNode:
             if item.expires_at <= wall:
                 continue
             if item.space is Space.ENTRY and item.item_id in held:
+                continue
+            if item.space is Space.TOMBSTONE and held.isdisjoint(item.deletes):
+                # Nothing there for it to delete.  Pushing every tombstone to every newcomer made hand-over traffic
+                # grow for as long as a mailbox is used (a recipient's fetches add tombstones, which live a week):
+                # in the offline-delivery simulation (300 nodes, 30% churn per hour) tombstone stores grew from none
+                # to over a quarter of all stores in 11 hours.  An entry a stale holder later gives it shows up at
+                # the recipient's next fetch, which deletes it again.
                 continue
             item_space = ItemSpace.ENTRY if item.space is Space.ENTRY else ItemSpace.TOMBSTONE
             ok &= await self._store_blob(contact.address, key, item_space, reply.token, item.blob)
