@@ -4,6 +4,7 @@ quotas and rate limits hold, forged and stale records lose, lying nodes do not b
 
 from __future__ import annotations
 
+import math
 import random
 
 import trio
@@ -31,6 +32,7 @@ from p2pchat.core.records import (
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import TOKEN_ROTATION
 from p2pchat.dht.node import (
+    HANDOVER_FAR_RECHECK,
     HANDOVER_GIVER_SEEN_WITHIN,
     HANDOVER_GIVERS,
     HANDOVER_INTERVAL,
@@ -488,4 +490,20 @@ async def test_a_holder_outside_the_k_closest_it_knows_does_not_hand_over(
         assert await far.hand_over() == 0  # k nodes it knows are closer: not its job
         assert far.transport.stats.requests_sent == sent
         assert await near.hand_over() > 0  # the closest node gives it to its k closest
+
+        # The far key then rests for HANDOVER_FAR_RECHECK: checking it again would ping every closer node not heard
+        # from lately, for every far copy held.
+        def forget_closer() -> None:
+            for contact in far.routing.closest(key, far.k):
+                contact.last_seen = -math.inf
+
+        forget_closer()
+        sent = far.transport.stats.requests_sent
+        assert await far.hand_over() == 0
+        assert far.transport.stats.requests_sent == sent
+        await trio.sleep(HANDOVER_FAR_RECHECK)
+        forget_closer()
+        sent = far.transport.stats.requests_sent
+        assert await far.hand_over() == 0  # checked again: each closer node is asked whether it is alive
+        assert far.transport.stats.requests_sent - sent >= far.k
         nursery.cancel_scope.cancel()
