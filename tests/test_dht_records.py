@@ -29,6 +29,7 @@ from p2pchat.core.records import (
     sign_record,
     sign_tombstone,
 )
+from p2pchat.core.routing import K
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import TOKEN_ROTATION
 from p2pchat.dht.node import (
@@ -442,6 +443,32 @@ async def test_hand_over_keeps_a_key_near_its_closest_nodes(autojump_clock: trio
     assert all(found for _, _, found in runs)
     assert sum(near for near, _, _ in runs) / len(runs) >= 18, runs
     assert all(holders <= 30 for _, holders, _ in runs), runs
+
+
+async def test_a_holder_counts_itself_far_out_past_offline_nodes(autojump_clock: trio.testing.MockClock) -> None:
+    # With 15% of nodes offline, "the k closest contacts to the key are all live" almost never holds, and a node far
+    # from a key went on as if it were responsible for it -- pinging, and giving the key to nodes that had it.  The
+    # check counts k live ones among its 2k closest contacts instead.
+    async with open_sim_network(18, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 3 * K, seed=18)
+        owner = Identity.generate(random.Random(6).randbytes)
+        key = record_key(RecordKind.PEER, owner.public.key)
+        far = max(nodes, key=lambda n: n.node_id.distance(key))
+        known = far.routing.closest(key, 2 * K)
+        assert len(known) == 2 * K
+        assert far.store.put(
+            Space.RECORD, key, encode_record(_record(far.env, owner, 1, b"far")), "10.0.0.1", far.env.wall_time()
+        )
+        offline = {c.node_id for c in known[:3]}
+        for node, host in zip(nodes, hosts, strict=True):
+            if node.node_id in offline:
+                host.set_down()
+        for contact in known:
+            contact.last_seen = -math.inf  # nobody heard from lately: each must answer a ping
+        sent = far.transport.stats.requests_sent
+        assert await far.hand_over() == 0  # far out: it gives nothing ...
+        assert far.transport.stats.requests_sent - sent == K + len(offline)  # ... and pinged k + 3 to know it
+        nursery.cancel_scope.cancel()
 
 
 async def test_departed_holders_do_not_keep_the_live_ones_from_handing_over(

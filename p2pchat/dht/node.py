@@ -1349,9 +1349,12 @@ class DhtNode:
         for group, key in self.store.keys():  # noqa: SIM118 - a method, not a dict
             if group is Space.COMPAT or self._far_until.get((group, key), now) > now:
                 continue
-            closest = self.routing.closest(key, self.k)
+            # 2k contacts: spares for those of the k closest that are offline (with 15% of nodes offline, "k of the
+            # k closest live" would almost never hold, and a node far out would go on as if responsible).
+            known = self.routing.closest(key, 2 * self.k)
+            closest = known[: self.k]
             own = self.node_id.distance(key)
-            closer = [c for c in closest if c.node_id.distance(key) < own]
+            closer = [c for c in known if c.node_id.distance(key) < own]
             if len(closer) >= self.k and await self._alive(closer, self.k):
                 # We know k live nodes closer to the key than we are: we are no longer among those responsible for
                 # it, and our copy lives out its expiry.  Giving from out here spread keys outward without end:
