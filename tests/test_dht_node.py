@@ -3,6 +3,7 @@ lookups that survive dead and lying nodes, and garbage that never kills a node."
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -12,9 +13,10 @@ import trio.testing
 from p2pchat.core.ids import NodeId
 from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES
 from p2pchat.core.packets import FindNode
-from p2pchat.core.routing import K
+from p2pchat.core.routing import MAX_FAILURES, K
 from p2pchat.core.schema import Packet
 from p2pchat.dht.node import BOOTSTRAP_ATTEMPTS, LOSSY_OVERDUE_SHARE, DhtNode
+from p2pchat.dht.rpc import RequestTimeoutError
 from p2pchat.net import Address
 from p2pchat.net.sim import open_sim_network
 
@@ -151,3 +153,50 @@ async def test_lookups_ask_spares_only_when_requests_are_often_overdue(autojump_
     assert lossy == clean  # the same k closest
     # The final round also asked FINAL_ROUND_SPARES past them (on the same network, up to that moment).
     assert lossy_rpcs >= clean_rpcs + FINAL_ROUND_SPARES
+
+
+async def test_a_contact_marked_bad_that_asks_us_something_is_pinged_and_counted_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A contact that failed MAX_FAILURES requests in a row is left out of lookups and hand-over, so nothing we send
+    # would clear it.  Under churn that kept nodes back from being offline out of their neighbours' tables (a
+    # key's closest nodes then gave it to nodes ranked past 100).
+    async with open_sim_network(21, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 8, seed=21)
+        us, peer = nodes[0], nodes[1]
+        hosts[1].set_down()
+        for _ in range(MAX_FAILURES):
+            with contextlib.suppress(RequestTimeoutError):
+                await us._ask_ping(peer.address, expected=peer.node_id)
+        contact = us.routing.get(peer.node_id)
+        assert contact is not None and contact.failures >= MAX_FAILURES
+        assert peer.node_id not in {c.node_id for c in us.routing.closest(peer.node_id, K)}
+        hosts[1].set_up()
+        sent = us.transport.stats.requests_sent
+        assert await peer.ping(us.address) == us.node_id  # it is back, and asks us something
+        await trio.sleep(5)
+        assert us.transport.stats.requests_sent == sent + 1  # one ping to check it ...
+        assert contact.failures == 0  # ... answered: counted again
+        assert us.routing.closest(peer.node_id, 1)[0].node_id == peer.node_id
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_from_a_bad_contact_that_does_not_answer_leaves_it_bad(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A request alone proves nothing (its source address can be forged): only an answered ping clears the contact.
+    async with open_sim_network(22, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 8, seed=22)
+        us, peer = nodes[0], nodes[1]
+        hosts[1].set_down()
+        for _ in range(MAX_FAILURES):
+            with contextlib.suppress(RequestTimeoutError):
+                await us._ask_ping(peer.address, expected=peer.node_id)
+        contact = us.routing.get(peer.node_id)
+        assert contact is not None
+        failures = contact.failures
+        us._observe(peer.node_id, peer.address, peer.cert)  # as a request from it would
+        await trio.sleep(5)
+        assert contact.failures == failures + 1  # the check ping failed too
+        assert peer.node_id not in {c.node_id for c in us.routing.closest(peer.node_id, K)}
+        nursery.cancel_scope.cancel()
