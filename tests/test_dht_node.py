@@ -15,7 +15,13 @@ from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES
 from p2pchat.core.packets import FindNode
 from p2pchat.core.routing import MAX_FAILURES, K
 from p2pchat.core.schema import Packet
-from p2pchat.dht.node import BOOTSTRAP_ATTEMPTS, LOSSY_OVERDUE_SHARE, DhtNode
+from p2pchat.dht.node import (
+    BAD_RECHECK_INTERVAL,
+    BOOTSTRAP_ATTEMPTS,
+    LOSSY_OVERDUE_SHARE,
+    MAINTENANCE_INTERVAL,
+    DhtNode,
+)
 from p2pchat.dht.rpc import RequestTimeoutError
 from p2pchat.net import Address
 from p2pchat.net.sim import open_sim_network
@@ -199,4 +205,27 @@ async def test_a_request_from_a_bad_contact_that_does_not_answer_leaves_it_bad(
         await trio.sleep(5)
         assert contact.failures == failures + 1  # the check ping failed too
         assert peer.node_id not in {c.node_id for c in us.routing.closest(peer.node_id, K)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_bad_neighbours_are_pinged_again_now_and_then(autojump_clock: trio.testing.MockClock) -> None:
+    # A node back from being offline may ask none of its old neighbours anything for a long while; those that
+    # marked it bad ping it again themselves, each at most once per BAD_RECHECK_INTERVAL.
+    async with open_sim_network(23, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 8, seed=23)
+        us, peer = nodes[0], nodes[1]
+        hosts[1].set_down()
+        for _ in range(MAX_FAILURES):
+            with contextlib.suppress(RequestTimeoutError):
+                await us._ask_ping(peer.address, expected=peer.node_id)
+        contact = us.routing.get(peer.node_id)
+        assert contact is not None and contact.failures == MAX_FAILURES
+        await trio.sleep(BAD_RECHECK_INTERVAL - 2 * MAINTENANCE_INTERVAL)
+        assert contact.failures == MAX_FAILURES + 1  # one ping in that time, unanswered
+        await trio.sleep(BAD_RECHECK_INTERVAL)
+        assert contact.failures == MAX_FAILURES + 2  # and one more
+        hosts[1].set_up()
+        await trio.sleep(BAD_RECHECK_INTERVAL + 2 * MAINTENANCE_INTERVAL)
+        assert contact.failures == 0
+        assert us.routing.closest(peer.node_id, 1)[0].node_id == peer.node_id
         nursery.cancel_scope.cancel()

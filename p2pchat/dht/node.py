@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -169,6 +170,13 @@ usually follows (it needs them for hand-over bookkeeping); the oldest is forgott
 
 MAX_HANDED_PER_KEY: Final = 2 * K
 """Nodes remembered per key as already holding it (the k closest, and some that were)."""
+
+BAD_RECHECK_INTERVAL: Final = 10 * 60.0
+"""Seconds between pings to one bad contact among the :data:`NEIGHBOURS_RECHECKED` closest to this node."""
+
+NEIGHBOURS_RECHECKED: Final = 2 * K
+"""Contacts closest to this node's own id whose bad ones are pinged again now and then (nodes back from being
+offline are needed most here)."""
 
 HANDOVER_FAR_RECHECK: Final = 3600.0
 """Seconds a key stays out of hand-over once this node found k live nodes closer to it than itself (it is no longer
@@ -527,6 +535,7 @@ class DhtNode:
         self._cert: NodeCert | None = None
         self._liveness_send, self._liveness_receive = trio.open_memory_channel[NodeId](LIVENESS_QUEUE_SIZE)
         self._rechecking: set[NodeId] = set()
+        self._rechecked: dict[NodeId, float] = {}
         self.liveness_dropped = 0
         self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
         self._handed: dict[tuple[Space, NodeId], set[NodeId]] = {}
@@ -609,6 +618,7 @@ class DhtNode:
                 del self._handed[slot_key]
             for slot_key in [k for k in self._far_until if k not in held]:
                 del self._far_until[slot_key]
+            self._recheck_bad_neighbours(now)
             for target in self.routing.stale_buckets(now, self.env.rng):
                 await self.find_node(target, paths=1)
             if self._neighbourhood_changed and now - last_handover >= HANDOVER_INTERVAL:
@@ -787,6 +797,23 @@ class DhtNode:
             # table, marked bad -- so it gave to nodes far out, and copies piled up.
             self._rechecking.add(node_id)
             self._check_liveness(node_id)
+
+    def _recheck_bad_neighbours(self, now: float) -> None:
+        # Bad contacts among our 2k closest are pinged again, each at most once per BAD_RECHECK_INTERVAL: nodes back
+        # from being offline are needed here most (hand-over gives our keys to our neighbours), and a returning node
+        # asks few of its old neighbours anything soon.  BEP 5 pings questionable nodes at refresh for the same
+        # reason.
+        for contact in self.routing.closest(self.node_id, NEIGHBOURS_RECHECKED, exclude_failing=False):
+            node_id = contact.node_id
+            if contact.failures < MAX_FAILURES or node_id in self._rechecking:
+                continue
+            if now - self._rechecked.get(node_id, -math.inf) < BAD_RECHECK_INTERVAL:
+                continue
+            self._rechecked[node_id] = now
+            self._rechecking.add(node_id)
+            self._check_liveness(node_id)
+        if len(self._rechecked) > 4 * NEIGHBOURS_RECHECKED:
+            self._rechecked = {n: t for n, t in self._rechecked.items() if now - t < BAD_RECHECK_INTERVAL}
 
     def _check_liveness(self, node_id: NodeId) -> None:
         try:
