@@ -13,7 +13,7 @@ import trio.testing
 from p2pchat.core.ids import NodeId
 from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES
 from p2pchat.core.packets import FindNode
-from p2pchat.core.routing import MAX_FAILURES, K
+from p2pchat.core.routing import MAX_FAILURES, Contact, K
 from p2pchat.core.schema import Packet
 from p2pchat.dht.node import (
     BAD_RECHECK_INTERVAL,
@@ -24,7 +24,7 @@ from p2pchat.dht.node import (
 )
 from p2pchat.dht.rpc import RequestTimeoutError
 from p2pchat.net import Address
-from p2pchat.net.sim import open_sim_network
+from p2pchat.net.sim import SimHost, open_sim_network
 
 from dhtsim import LINK, start_nodes, true_closest
 
@@ -161,6 +161,17 @@ async def test_lookups_ask_spares_only_when_requests_are_often_overdue(autojump_
     assert lossy_rpcs >= clean_rpcs + FINAL_ROUND_SPARES
 
 
+async def _marked_bad(us: DhtNode, peer: DhtNode, peer_host: SimHost) -> Contact:
+    """Take *peer* offline and let MAX_FAILURES of *us*'s pings to it fail; returns its entry in *us*'s table."""
+    peer_host.set_down()
+    for _ in range(MAX_FAILURES):
+        with contextlib.suppress(RequestTimeoutError):
+            await us._ask_ping(peer.address, expected=peer.node_id)
+    contact = us.routing.get(peer.node_id)
+    assert contact is not None
+    return contact
+
+
 async def test_a_contact_marked_bad_that_asks_us_something_is_pinged_and_counted_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -170,12 +181,8 @@ async def test_a_contact_marked_bad_that_asks_us_something_is_pinged_and_counted
     async with open_sim_network(21, default_link=LINK) as net, trio.open_nursery() as nursery:
         nodes, hosts = await start_nodes(net, nursery, 8, seed=21)
         us, peer = nodes[0], nodes[1]
-        hosts[1].set_down()
-        for _ in range(MAX_FAILURES):
-            with contextlib.suppress(RequestTimeoutError):
-                await us._ask_ping(peer.address, expected=peer.node_id)
-        contact = us.routing.get(peer.node_id)
-        assert contact is not None and contact.failures >= MAX_FAILURES
+        contact = await _marked_bad(us, peer, hosts[1])
+        assert contact.failures >= MAX_FAILURES
         assert peer.node_id not in {c.node_id for c in us.routing.closest(peer.node_id, K)}
         hosts[1].set_up()
         sent = us.transport.stats.requests_sent
@@ -194,12 +201,7 @@ async def test_a_request_from_a_bad_contact_that_does_not_answer_leaves_it_bad(
     async with open_sim_network(22, default_link=LINK) as net, trio.open_nursery() as nursery:
         nodes, hosts = await start_nodes(net, nursery, 8, seed=22)
         us, peer = nodes[0], nodes[1]
-        hosts[1].set_down()
-        for _ in range(MAX_FAILURES):
-            with contextlib.suppress(RequestTimeoutError):
-                await us._ask_ping(peer.address, expected=peer.node_id)
-        contact = us.routing.get(peer.node_id)
-        assert contact is not None
+        contact = await _marked_bad(us, peer, hosts[1])
         failures = contact.failures
         us._observe(peer.node_id, peer.address, peer.cert)  # as a request from it would
         await trio.sleep(5)
@@ -214,12 +216,8 @@ async def test_bad_neighbours_are_pinged_again_now_and_then(autojump_clock: trio
     async with open_sim_network(23, default_link=LINK) as net, trio.open_nursery() as nursery:
         nodes, hosts = await start_nodes(net, nursery, 8, seed=23)
         us, peer = nodes[0], nodes[1]
-        hosts[1].set_down()
-        for _ in range(MAX_FAILURES):
-            with contextlib.suppress(RequestTimeoutError):
-                await us._ask_ping(peer.address, expected=peer.node_id)
-        contact = us.routing.get(peer.node_id)
-        assert contact is not None and contact.failures == MAX_FAILURES
+        contact = await _marked_bad(us, peer, hosts[1])
+        assert contact.failures == MAX_FAILURES
         await trio.sleep(BAD_RECHECK_INTERVAL - 2 * MAINTENANCE_INTERVAL)
         assert contact.failures == MAX_FAILURES + 1  # one ping in that time, unanswered
         await trio.sleep(BAD_RECHECK_INTERVAL)
