@@ -7,17 +7,20 @@ import contextlib
 import random
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from p2pchat.core.ids import NodeId
-from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES
+from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES, Lookup
 from p2pchat.core.packets import FindNode
 from p2pchat.core.routing import MAX_FAILURES, Contact, K
 from p2pchat.core.schema import Packet
+from p2pchat.dht import node as dht_node
 from p2pchat.dht.node import (
     BAD_RECHECK_INTERVAL,
     BOOTSTRAP_ATTEMPTS,
+    EARLY_FINAL_ROUND_RTT,
     LOSSY_OVERDUE_SHARE,
     MAINTENANCE_INTERVAL,
     DhtNode,
@@ -140,6 +143,33 @@ async def test_a_join_lookup_nobody_answered_is_tried_again_up_to_the_limit(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_node_left_alone_and_an_island_it_started_join_the_network_at_maintenance(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(18, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, hosts = await start_nodes(net, nursery, 30, seed=18)
+        # Every bootstrap ping of the first newcomer is lost (its bootstrap node is briefly unreachable): alone.
+        hosts[7].set_down()
+        alone, _ = await start_nodes(net, nursery, 1, seed=19, bootstrap_from=[nodes[7]])
+        hosts[7].set_up()
+        # A second newcomer joins through the first: the two know each other, and nobody else knows either.
+        island, _ = await start_nodes(net, nursery, 1, seed=20, bootstrap_from=alone)
+        a, b = alone[0], island[0]
+        assert [c.node_id for c in a.routing] == [b.node_id]
+        assert [c.node_id for c in b.routing] == [a.node_id]
+        # Knowing fewer than k contacts in good standing, each tries again at maintenance (at most 1.5 intervals
+        # apart): the first through its bootstrap address (node 7), the second by looking up its own id through the
+        # first.
+        await trio.sleep(4 * MAINTENANCE_INTERVAL)
+        for node in (a, b):
+            assert len(node.routing.closest(node.node_id, K)) == K
+            others = [n for n in [*nodes, a, b] if n is not node]
+            assert [c.node_id for c in (await node.find_node(node.node_id, paths=1)).contacts] == true_closest(
+                others, node.node_id
+            )
+        nursery.cancel_scope.cancel()
+
+
 async def _lookup_rpcs(overdue_share: float | None) -> tuple[list[NodeId], int]:
     """One lookup on a fresh, identical 60-node network, with the asker's overdue share set as given."""
     async with open_sim_network(16, default_link=LINK) as net, trio.open_nursery() as nursery:
@@ -159,6 +189,33 @@ async def test_lookups_ask_spares_only_when_requests_are_often_overdue(autojump_
     assert lossy == clean  # the same k closest
     # The final round also asked FINAL_ROUND_SPARES past them (on the same network, up to that moment).
     assert lossy_rpcs >= clean_rpcs + FINAL_ROUND_SPARES
+
+
+async def test_lookups_start_their_final_round_early_only_where_round_trips_are_long(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Lookup] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Lookup:
+        made.append(Lookup(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(dht_node, "Lookup", spy)
+    async with open_sim_network(19, default_link=LINK) as net, trio.open_nursery() as nursery:
+        nodes, _ = await start_nodes(net, nursery, 40, seed=21)
+        asker = nodes[-1]
+        estimate = asker.transport.timeouts.overall
+        assert estimate.srtt is not None and estimate.srtt >= EARLY_FINAL_ROUND_RTT  # 20-120 ms round trips
+        target = NodeId(random.Random(6).randbytes(20))
+        early = await asker.find_node(target, paths=1)
+        assert made[-1]._early
+        assert made[-1].widened
+        estimate.srtt = EARLY_FINAL_ROUND_RTT / 2  # as between nodes on one host
+        classic = await asker.find_node(target, paths=1)
+        assert not made[-1]._early
+        # The same k closest either way.
+        assert [c.node_id for c in early.contacts] == [c.node_id for c in classic.contacts]
+        nursery.cancel_scope.cancel()
 
 
 async def _marked_bad(us: DhtNode, peer: DhtNode, peer_host: SimHost) -> Contact:
@@ -214,9 +271,12 @@ async def test_bad_neighbours_are_pinged_again_now_and_then(autojump_clock: trio
     # A node back from being offline may ask none of its old neighbours anything for a long while; those that
     # marked it bad ping it again themselves, each at most once per BAD_RECHECK_INTERVAL.
     async with open_sim_network(23, default_link=LINK) as net, trio.open_nursery() as nursery:
-        nodes, hosts = await start_nodes(net, nursery, 8, seed=23)
+        # k + 4 nodes: enough that `us` knows k in good standing, so that its only requests to the bad contact
+        # are these pings (with fewer it would also look up its own id through whomever it knows, bad ones too).
+        nodes, hosts = await start_nodes(net, nursery, K + 4, seed=23)
         us, peer = nodes[0], nodes[1]
         contact = await _marked_bad(us, peer, hosts[1])
+        assert len(us.routing.closest(us.node_id, K)) == K
         assert contact.failures == MAX_FAILURES
         await trio.sleep(BAD_RECHECK_INTERVAL - 2 * MAINTENANCE_INTERVAL)
         assert contact.failures == MAX_FAILURES + 1  # one ping in that time, unanswered

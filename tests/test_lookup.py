@@ -190,6 +190,30 @@ def test_requests_go_to_the_closest_unasked_first() -> None:
     assert lookup.next_requests() == []
 
 
+def test_an_early_final_round_starts_at_the_first_answer() -> None:
+    target = NodeId.from_int(0)
+    seeds = [Candidate(NodeId.from_int(d), address_of(d), d, 1) for d in (10, 20, 30, 40, 50, 60)]
+    for early in (False, True):
+        lookup = Lookup(target, seeds, k=5, alpha=2, early_final_round=early)
+        assert [c.distance for c in lookup.next_requests()] == [10, 20]
+        # 20 answered, naming someone closer than 10: no convergence yet, since 10 (the closest) has not answered.
+        assert lookup.on_reply(NodeId.from_int(20), [(NodeId.from_int(5), address_of(5))])
+        asked = [c.distance for c in lookup.next_requests()]
+        if early:
+            # The final round has started: the rest of the k closest (5, 30, 40; 10 is in flight) at once.
+            assert lookup.widened
+            assert asked == [5, 30, 40]
+        else:
+            assert not lookup.widened
+            assert asked == [5]  # alpha at a time: 10 and 5 in flight
+    # Without a final round at all, there is no early one either.
+    strict = Lookup(target, seeds, k=5, alpha=2, final_round=False, early_final_round=True)
+    strict.next_requests()
+    assert strict.on_reply(NodeId.from_int(20), [])
+    assert not strict.widened
+    assert len(strict.next_requests()) == 1
+
+
 def test_the_final_round_saves_round_trips(network: FakeNetwork) -> None:
     # Answer in waves (every request in flight answered together, as with equal round trips) and count waves.
     rng = random.Random(11)

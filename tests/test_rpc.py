@@ -13,6 +13,7 @@ from p2pchat.core.identity import Identity
 from p2pchat.core.nodecert import issue_cert
 from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
 from p2pchat.core.rtt import (
+    HEDGE_RTTVARS,
     INITIAL_RTO,
     MAX_RTO,
     MIN_RTO,
@@ -24,6 +25,7 @@ from p2pchat.core.rtt import (
 from p2pchat.core.schema import Packet
 from p2pchat.dht import rpc
 from p2pchat.dht.rpc import (
+    LOSSY_OVERDUE_SHARE,
     MAX_PENDING_REQUESTS,
     MAX_SETTLED_DEADLINES,
     OVERDUE_WEIGHT,
@@ -262,6 +264,73 @@ def test_the_soft_timeout_is_a_share_of_the_timeout() -> None:
     policy.observe("x", 0.2)
     assert policy.soft_timeout("x") == pytest.approx(SOFT_TIMEOUT_SHARE * policy.timeout("x"))
     assert policy.soft_timeout("x") > 0.2  # above the round trip the estimator expects
+
+
+def test_the_hedge_for_a_stranger_is_srtt_plus_hedge_rttvars() -> None:
+    policy = TimeoutPolicy()
+    for rtt in (0.05, 0.30, 0.10, 0.25, 0.175, 0.20):  # round trips of 50-300 ms
+        policy.observe("known", rtt)
+    overall = policy.overall
+    assert overall.srtt is not None
+    hedge = policy.hedge_timeout("stranger")
+    assert hedge == pytest.approx(overall.srtt + HEDGE_RTTVARS * overall.rttvar)
+    assert hedge < policy.soft_timeout("stranger")
+    # Not for a peer measured TRUSTED_SAMPLES times: its own estimate knows how slow it is.
+    assert policy.hedge_timeout("known") is None
+    # Nor before the overall estimate is trusted.
+    fresh = TimeoutPolicy()
+    fresh.observe("known", 0.1)
+    assert fresh.hedge_timeout("stranger") is None
+    # Never below half the minimum timeout, however short and steady the round trips.
+    steady = TimeoutPolicy()
+    for _ in range(TRUSTED_SAMPLES):
+        steady.observe("lan", 0.001)
+    assert steady.hedge_timeout("stranger") == pytest.approx(SOFT_TIMEOUT_SHARE * MIN_RTO)
+    # And never when it would not come before the soft timeout.
+    jittery = TimeoutPolicy()
+    for rtt in (0.01, 0.9, 0.01, 0.9, 0.01, 0.9):
+        jittery.observe("far", rtt)
+    assert jittery.hedge_timeout("stranger") is None
+
+
+async def test_on_a_lossy_network_a_lookup_is_told_of_a_silent_request_at_its_hedge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(12, default_link=LinkModel(latency=Constant(0.030)), time_resolution=0) as net:
+        a, b = await _transport(net, 1), await _transport(net, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            for _ in range(TRUSTED_SAMPLES):
+                assert isinstance(await _lookup_request(a, b.local_address), Pong)
+            silent = Address("10.9.9.9", 4000)
+
+            async def slow_after() -> tuple[float, int, float]:
+                """When on_slow came; how many copies were sent by then and by the soft timeout; the share."""
+                start = trio.current_time()
+                slow, settled = trio.Event(), trio.Event()
+                a.send_request(Ping(a.new_txid(), None), silent, lambda _: settled.set(), on_slow=slow.set)
+                await slow.wait()
+                told = trio.current_time() - start
+                copies = a.stats.retransmits
+                await trio.sleep_until(start + a.timeouts.soft_timeout(silent) + 0.001)
+                resent = a.stats.retransmits - copies
+                await settled.wait()  # timed out: nothing of it is left to send
+                return told, copies, resent
+
+            clean, _, resent = await slow_after()
+            assert clean == pytest.approx(a.timeouts.soft_timeout(silent))
+            assert resent == 0  # sent again at that very moment, before on_slow
+            a.overdue_share = 2 * LOSSY_OVERDUE_SHARE  # as after many unanswered requests
+            share = a.overdue_share
+            lossy, _, resent = await slow_after()
+            assert lossy == pytest.approx(a.timeouts.hedge_timeout(silent))
+            assert lossy < clean
+            # The hedge only moved the lookup on: the copy still went at the soft timeout, and the request was
+            # counted overdue only then.
+            assert resent == 1
+            assert a.overdue_share > share
+            nursery.cancel_scope.cancel()
 
 
 def test_a_peer_measured_fewer_than_trusted_samples_times_gets_at_least_the_overall_timeout() -> None:

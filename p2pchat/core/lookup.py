@@ -74,7 +74,7 @@ lookup is done when the k closest that are not overdue have answered, so each on
 datagram is otherwise replaced only once it is overdue -- a soft timeout and then one more round trip; spares
 already asked take its place at once.  On the WAN scenario (5% loss, 10% dead contacts) a final round has two or
 three such nodes; on a clean network spares would only add requests, so the DHT asks for them only when its
-requests are often overdue (``LOSSY_OVERDUE_SHARE`` in :mod:`p2pchat.dht.node`)."""
+requests are often overdue (``LOSSY_OVERDUE_SHARE`` in :mod:`p2pchat.dht.rpc`)."""
 
 MAX_CONTACTS_PER_REPLY: Final = K
 """Contacts taken from one reply; the rest are ignored (an honest node returns at most k)."""
@@ -203,7 +203,9 @@ class Lookup:
     Once the closest live candidate has answered (the lookup has converged), the rest of the k closest are asked
     all at once rather than alpha at a time -- the Kademlia paper's final round; ``final_round=False`` keeps
     strict alpha (for comparison).  ``spares`` more candidates past the k closest are asked in that round (see
-    :data:`FINAL_ROUND_SPARES`).
+    :data:`FINAL_ROUND_SPARES`).  With ``early_final_round`` that round starts at the first answer instead, and
+    runs alongside the rest of the convergence (see :data:`EARLY_FINAL_ROUND_RTT` in :mod:`p2pchat.dht.node` for
+    when the DHT asks for it).
 
     ``rpcs`` counts the requests handed out so far; ``value_found`` says whether some node answered with a value.
     ``make_address`` builds an address from a host and a port, for :meth:`on_wire_reply`.
@@ -211,6 +213,7 @@ class Lookup:
 
     __slots__ = (
         "_by_id",
+        "_early",
         "_finished",
         "_in_flight",
         "_make_address",
@@ -241,6 +244,7 @@ class Lookup:
         stop_at_first_value: bool = False,
         final_round: bool = True,
         spares: int = 0,
+        early_final_round: bool = False,
         make_address: Callable[[str, int], Address] | None = None,
     ) -> None:
         if k < 1:
@@ -257,7 +261,9 @@ class Lookup:
         self.final_round = final_round
         self.spares = spares
         self.widened = False
-        """Whether the lookup has converged and now asks the k closest at once (see :meth:`_converged`)."""
+        """Whether the lookup has converged (or, with ``early_final_round``, has had an answer) and now asks the k
+        closest at once (see :meth:`_converged`)."""
+        self._early = early_final_round and final_round
         self._target = target.int
         self._own = own_id.int if own_id is not None else -1
         self._own_bytes = own_id.bytes if own_id is not None else b""
@@ -436,6 +442,9 @@ class Lookup:
         elif state is not _SLOW:
             return None
         c.state = _ANSWERED
+        if self._early:
+            # The final round starts now rather than at convergence: it overlaps the hops still to come.
+            self.widened = True
         if c.referrer is not None:
             c.referrer.referrals_answered += 1
         if has_value:

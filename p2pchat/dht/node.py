@@ -79,7 +79,7 @@ from p2pchat.core.routing import MAX_FAILURES, Contact, K, ObserveOutcome, Routi
 from p2pchat.core.schema import Packet
 from p2pchat.core.tokens import WriteTokens
 from p2pchat.dht.compat import CompatService
-from p2pchat.dht.rpc import PendingKey, RequestTimeoutError, RpcTransport
+from p2pchat.dht.rpc import LOSSY_OVERDUE_SHARE, PendingKey, RequestTimeoutError, RpcTransport
 from p2pchat.dht.store import DeletedEntryError, QuotaExceededError, Space, StoreLimits
 from p2pchat.dht.store import Store as ItemStore
 from p2pchat.env import Env
@@ -88,7 +88,9 @@ from p2pchat.net.base import Address
 
 __all__ = [
     "BOOTSTRAP_ATTEMPTS",
+    "BOOTSTRAP_REMEMBERED",
     "CROWDING_FACTOR",
+    "EARLY_FINAL_ROUND_RTT",
     "FETCH_WINDOW",
     "HANDOVER_GIVERS",
     "HANDOVER_GIVER_SEEN_WITHIN",
@@ -99,6 +101,7 @@ __all__ = [
     "MAX_MAILBOX_PAGES",
     "MAX_PUBLISHED",
     "MAX_RECENT_STORES",
+    "MAX_REJOIN_INTERVAL",
     "PART_ATTEMPTS",
     "REPUBLISH_INTERVAL",
     "SERVED_KEYS_REMEMBERED",
@@ -120,9 +123,15 @@ bad contact waits for its next request."""
 MAINTENANCE_INTERVAL: Final = 60.0
 """Seconds between maintenance passes (stale bucket refresh, certificate renewal, expiry sweep)."""
 
-LOSSY_OVERDUE_SHARE: Final = 0.03
-"""Share of overdue requests (:attr:`RpcTransport.overdue_share`) above which lookups ask
-:data:`~p2pchat.core.lookup.FINAL_ROUND_SPARES` spares in their final round."""
+EARLY_FINAL_ROUND_RTT: Final = 0.010
+"""Smoothed round trip over all peers (seconds) from which a plain lookup starts its final round at its first answer
+rather than once it has converged (``early_final_round`` of :class:`~p2pchat.core.lookup.Lookup`).  *Why:* the
+final round asks every one of the k closest known anyway, and waits for the slowest; started at the first answer it
+runs alongside the last hop or two of the convergence instead of after them.  The cost is requests to nodes that
+closer ones then push out of the k closest: on the WAN scenario (round trips 50-300 ms) the median lookup went
+from 30 to 45 requests and from 5.6 to 4.2 round trips (3.7 with :data:`~p2pchat.core.rtt.LOSSY_SOFT_RTTVARS`).
+Where round trips are short, as between nodes on one host, a lookup's time is the work of its requests, not their
+round trips: there the extra requests made ``bench_dht``'s put + get 10% slower, so it keeps the classic order."""
 
 HANDOVER_INTERVAL: Final = 60.0
 """Seconds between checks whether new nodes joined the neighbourhood of stored keys (then data is handed over)."""
@@ -157,6 +166,16 @@ PART_ATTEMPTS: Final = 3
 
 BOOTSTRAP_ATTEMPTS: Final = 3
 """Pings sent to each bootstrap address before giving up on it (one lost datagram must not leave a node alone)."""
+
+BOOTSTRAP_REMEMBERED: Final = 16
+"""Bootstrap addresses a node keeps (the last ones :meth:`DhtNode.bootstrap` was given), to try again at
+maintenance while none of them has answered and the node knows fewer than k contacts in good standing."""
+
+MAX_REJOIN_INTERVAL: Final = 3600.0
+"""Longest wait (seconds) between two attempts of a node that knows fewer than k contacts in good standing to
+learn more at maintenance (its own id looked up again, or its bootstrap addresses tried again); the wait starts at
+:data:`MAINTENANCE_INTERVAL` and doubles each time an attempt teaches the node nothing new, as in a network of
+fewer than k + 1 nodes."""
 
 MAX_MAILBOX_PAGES: Final = 32
 """Most :class:`ListEntries` pages read from one node in one fetch (32 * 60 ids covers the per-key quota)."""
@@ -535,6 +554,10 @@ class DhtNode:
         self._cert: NodeCert | None = None
         self._liveness_send, self._liveness_receive = trio.open_memory_channel[NodeId](LIVENESS_QUEUE_SIZE)
         self._rechecking: set[NodeId] = set()
+        self._bootstrap_addresses: list[Address] = []
+        self._unbootstrapped = False
+        self._rejoin_at = 0.0
+        self._rejoin_wait = MAINTENANCE_INTERVAL / 2
         self._rechecked: dict[NodeId, float] = {}
         self.liveness_dropped = 0
         self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
@@ -618,6 +641,8 @@ class DhtNode:
                 for slot_key in [k for k in memo if k not in held]:
                     del memo[slot_key]
             self._recheck_bad_neighbours(now)
+            if now >= self._rejoin_at and len(self.routing.closest(self.node_id, self.k)) < self.k:
+                await self._rejoin(now)
             for target in self.routing.stale_buckets(now, self.env.rng):
                 await self.find_node(target, paths=1)
             if self._neighbourhood_changed and now - last_handover >= HANDOVER_INTERVAL:
@@ -796,6 +821,23 @@ class DhtNode:
             # table, marked bad -- so it gave to nodes far out, and copies piled up.
             self._recheck(node_id)
 
+    async def _rejoin(self, now: float) -> None:
+        # Fewer than k contacts in good standing: we may be cut off with a few others.  If no bootstrap node ever
+        # answered us (every ping lost, or they were down), try them again; else look up our own id again through
+        # whom we know.  Nodes that joined through us while we were alone know only us and each other: an island
+        # that nothing else would ever tell of the rest, and whose buckets, touched by each other's traffic, never
+        # go stale.  In the WAN simulation (5% loss) about one join in a thousand lost all its pings, and islands
+        # of two to five nodes formed around those.
+        known = len(self.routing)
+        if self._unbootstrapped:
+            self._unbootstrapped = not await self._join(self._bootstrap_addresses)
+        else:
+            await self.find_node(self.node_id, paths=1)
+        # Backing off while it teaches us nothing new: in a network of fewer than k + 1 nodes it never will.
+        grew = len(self.routing) > known
+        self._rejoin_wait = MAINTENANCE_INTERVAL if grew else min(2 * self._rejoin_wait, MAX_REJOIN_INTERVAL)
+        self._rejoin_at = now + self._rejoin_wait
+
     def _recheck_bad_neighbours(self, now: float) -> None:
         # Bad contacts among our 2k closest are pinged again, each at most once per BAD_RECHECK_INTERVAL: nodes back
         # from being offline are needed here most (hand-over gives our keys to our neighbours), and a returning node
@@ -922,9 +964,18 @@ class DhtNode:
             seeds = seeds[:wanted]
         self.routing.touch_bucket(target, trio.current_time())
         # Spares in the final round only where requests often go unanswered: on a clean network they only cost.
-        spares = FINAL_ROUND_SPARES if self.transport.overdue_share > LOSSY_OVERDUE_SHARE else 0
+        transport = self.transport
+        spares = FINAL_ROUND_SPARES if transport.overdue_share > LOSSY_OVERDUE_SHARE else 0
+        srtt = transport.timeouts.overall.srtt
         plain = Lookup(
-            target, seeds, k=self.k, alpha=self.alpha, own_id=self.node_id, spares=spares, make_address=Address
+            target,
+            seeds,
+            k=self.k,
+            alpha=self.alpha,
+            own_id=self.node_id,
+            spares=spares,
+            early_final_round=srtt is not None and srtt >= EARLY_FINAL_ROUND_RTT,
+            make_address=Address,
         )
         await self._drive(plain, request_for, reply_type, on_answer)
         if paths == 1 or not self._crowded(target, plain.result()):
@@ -1001,8 +1052,17 @@ class DhtNode:
     async def bootstrap(self, addresses: Iterable[Address]) -> int:
         """Join the network through ``addresses``: ping each, then look up our own id.
 
-        Returns how many bootstrap addresses answered (0 means this node is alone, for now).
+        Returns how many bootstrap addresses answered (0 means this node is alone, for now).  If none did, the node
+        keeps the addresses (up to :data:`BOOTSTRAP_REMEMBERED`) and tries them again at each maintenance pass
+        until one answers, or it knows k contacts in good standing some other way.
         """
+        addresses = list(addresses)
+        answered = await self._join(addresses)
+        self._bootstrap_addresses = addresses[-BOOTSTRAP_REMEMBERED:]
+        self._unbootstrapped = not answered and bool(addresses)
+        return answered
+
+    async def _join(self, addresses: list[Address]) -> int:
         answered = 0
 
         async def try_one(address: Address) -> None:

@@ -42,6 +42,7 @@ from p2pchat.errors import P2PChatError, ProtocolError
 from p2pchat.net.base import Address, DatagramEndpoint
 
 __all__ = [
+    "LOSSY_OVERDUE_SHARE",
     "MAX_PENDING_REQUESTS",
     "MAX_SETTLED_DEADLINES",
     "OVERDUE_WEIGHT",
@@ -69,6 +70,11 @@ with an overdue callback) are resent; a plain request's caller retries as it see
 
 OVERDUE_WEIGHT: Final = 1 / 64
 """Weight of the latest request in :attr:`RpcTransport.overdue_share`, a moving average over about the last 64."""
+
+LOSSY_OVERDUE_SHARE: Final = 0.03
+"""Share of overdue requests (:attr:`RpcTransport.overdue_share`) above which the network counts as lossy: lookups
+then ask :data:`~p2pchat.core.lookup.FINAL_ROUND_SPARES` spares in their final round, and requests to peers not yet
+measured are reported to the lookup sooner (:data:`~p2pchat.core.rtt.HEDGE_RTTVARS`)."""
 
 MAX_SETTLED_DEADLINES: Final = 256
 """Deadlines of answered or withdrawn requests the timer heap may hold beyond twice the pending ones.  They are
@@ -115,6 +121,12 @@ class RpcStats:
 def _settled(_: Packet | None) -> None:
     """The callback of a request that was answered or withdrawn (its deadline may still sit in the heap, and must
     not keep the real callback, and all the lookup state behind it, alive)."""
+
+
+# What a timer-heap entry is for: a request's timeout, its soft timeout, or its hedge (see HEDGE_RTTVARS).
+_DEADLINE: Final = 0
+_SOFT: Final = 1
+_HEDGE: Final = 2
 
 
 class _Pending:
@@ -165,10 +177,11 @@ class RpcTransport:
         self.limiter = limiter
         self.stats = RpcStats()
         self._pending: dict[PendingKey, _Pending] = {}
-        # (deadline, sequence, key, pending, soft); entries whose request was answered or cancelled stay until they
+        # (deadline, sequence, key, pending, kind); entries whose request was answered or cancelled stay until they
         # come up (cheaper than removing them), and the heap is compacted when they outnumber the live ones.  A soft
-        # entry is a request's soft timeout: it calls on_slow and leaves the request pending.
-        self._deadlines: list[tuple[float, int, PendingKey, _Pending, bool]] = []
+        # entry is a request's soft timeout: it calls on_slow and leaves the request pending; a hedge entry only
+        # calls on_slow, sooner.
+        self._deadlines: list[tuple[float, int, PendingKey, _Pending, int]] = []
         self._sequence = itertools.count()
         self._timer: trio.CancelScope | None = None
         self._stopped = False
@@ -227,10 +240,16 @@ class RpcTransport:
         soft = min(wait, self.timeouts.soft_timeout(destination) if timeout is None else SOFT_TIMEOUT_SHARE * timeout)
         pending = _Pending(callback, now, now + wait, on_slow, data=data, soft=soft)
         pending_requests[key] = pending
-        heapq.heappush(self._deadlines, (pending.deadline, next(self._sequence), key, pending, False))
+        heapq.heappush(self._deadlines, (pending.deadline, next(self._sequence), key, pending, _DEADLINE))
         # The soft timeout: the request is sent again, and a lookup told it is overdue.
         first = now + soft
-        heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, True))
+        heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, _SOFT))
+        if on_slow is not None and timeout is None and self.overdue_share > LOSSY_OVERDUE_SHARE:
+            # On a lossy network the lookup is told sooner (the request is sent again at its soft timeout, as ever).
+            hedge = self.timeouts.hedge_timeout(destination)
+            if hedge is not None:
+                first = now + hedge
+                heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, _HEDGE))
         timer = self._timer
         if timer is not None and first < timer.deadline:
             timer.deadline = first
@@ -319,33 +338,15 @@ class RpcTransport:
                 self._timer = None
             now = trio.current_time()
             while deadlines and deadlines[0][0] <= now:
-                _, _, key, pending, soft = heapq.heappop(deadlines)
-                if soft:
-                    if pending_requests.get(key) is not pending:
-                        continue
-                    first_overdue = not pending.overdue
-                    if first_overdue:
-                        pending.overdue = True
-                        self.overdue_share += (1.0 - self.overdue_share) * OVERDUE_WEIGHT
-                    if first_overdue and pending.resends > 0:
-                        # The copies get the round trip the first send had, within the ceiling counted from the
-                        # first send: the first deadline would often come before an answer to a copy could.
-                        wait = pending.deadline - pending.sent_at
-                        later = min(now + wait, pending.sent_at + max(wait, self.timeouts.max_rto))
-                        if later > pending.deadline:
-                            pending.deadline = later
-                            heapq.heappush(deadlines, (later, next(self._sequence), key, pending, False))
-                    if pending.resends > 0:
-                        pending.resends -= 1
-                        stats.retransmits += 1
-                        self.endpoint.send(pending.data, key[1])
-                        again = now + pending.soft
-                        if pending.resends > 0 and again < pending.deadline:
-                            heapq.heappush(deadlines, (again, next(self._sequence), key, pending, True))
+                _, _, key, pending, kind = heapq.heappop(deadlines)
+                if kind == _HEDGE:
                     on_slow = pending.on_slow
                     pending.on_slow = None
-                    if on_slow is not None:
+                    if on_slow is not None and pending_requests.get(key) is pending:
                         on_slow()
+                elif kind == _SOFT:
+                    if pending_requests.get(key) is pending:
+                        self._soft_timeout(key, pending, now)
                 elif pending_requests.get(key) is pending and pending.deadline <= now:
                     del pending_requests[key]
                     stats.timeouts += 1
@@ -356,6 +357,33 @@ class RpcTransport:
             # more than this): drop those at the top, so the next wake-up is for a request still pending.
             while deadlines and pending_requests.get(deadlines[0][2]) is not deadlines[0][3]:
                 heapq.heappop(deadlines)
+
+    def _soft_timeout(self, key: PendingKey, pending: _Pending, now: float) -> None:
+        """A pending request reached its soft timeout: count it overdue, send it again, tell its lookup."""
+        deadlines = self._deadlines
+        first_overdue = not pending.overdue
+        if first_overdue:
+            pending.overdue = True
+            self.overdue_share += (1.0 - self.overdue_share) * OVERDUE_WEIGHT
+        if first_overdue and pending.resends > 0:
+            # The copies get the round trip the first send had, within the ceiling counted from the first send: the
+            # first deadline would often come before an answer to a copy could.
+            wait = pending.deadline - pending.sent_at
+            later = min(now + wait, pending.sent_at + max(wait, self.timeouts.max_rto))
+            if later > pending.deadline:
+                pending.deadline = later
+                heapq.heappush(deadlines, (later, next(self._sequence), key, pending, _DEADLINE))
+        if pending.resends > 0:
+            pending.resends -= 1
+            self.stats.retransmits += 1
+            self.endpoint.send(pending.data, key[1])
+            again = now + pending.soft
+            if pending.resends > 0 and again < pending.deadline:
+                heapq.heappush(deadlines, (again, next(self._sequence), key, pending, _SOFT))
+        on_slow = pending.on_slow
+        pending.on_slow = None
+        if on_slow is not None:
+            on_slow()
 
     def _on_datagram(self, data: bytes, source: Address) -> None:
         stats = self.stats
