@@ -191,7 +191,7 @@ async def test_lookups_ask_spares_only_when_requests_are_often_overdue(autojump_
     assert lossy_rpcs >= clean_rpcs + FINAL_ROUND_SPARES
 
 
-async def test_lookups_start_their_final_round_early_only_where_round_trips_are_long(
+async def test_lookups_start_their_final_round_early_only_where_lossy_and_round_trips_are_long(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: list[Lookup] = []
@@ -207,14 +207,21 @@ async def test_lookups_start_their_final_round_early_only_where_round_trips_are_
         estimate = asker.transport.timeouts.overall
         assert estimate.srtt is not None and estimate.srtt >= EARLY_FINAL_ROUND_RTT  # 20-120 ms round trips
         target = NodeId(random.Random(6).randbytes(20))
+        clean = await asker.find_node(target, paths=1)
+        assert not made[-1]._early  # a clean network: the classic order...
+        await asker.find_node(asker.node_id, paths=1)
+        assert made[-1]._early  # ...except for a join's lookup of the own id, whose answers fill the routing table
+        asker.transport.overdue_share = 2 * LOSSY_OVERDUE_SHARE  # as after many unanswered requests
         early = await asker.find_node(target, paths=1)
         assert made[-1]._early
         assert made[-1].widened
         estimate.srtt = EARLY_FINAL_ROUND_RTT / 2  # as between nodes on one host
-        classic = await asker.find_node(target, paths=1)
+        asker.transport.overdue_share = 2 * LOSSY_OVERDUE_SHARE
+        short = await asker.find_node(target, paths=1)
         assert not made[-1]._early
-        # The same k closest either way.
-        assert [c.node_id for c in early.contacts] == [c.node_id for c in classic.contacts]
+        # The same k closest every way.
+        assert [c.node_id for c in early.contacts] == [c.node_id for c in clean.contacts]
+        assert [c.node_id for c in short.contacts] == [c.node_id for c in clean.contacts]
         nursery.cancel_scope.cancel()
 
 

@@ -73,8 +73,9 @@ OVERDUE_WEIGHT: Final = 1 / 64
 
 LOSSY_OVERDUE_SHARE: Final = 0.03
 """Share of overdue requests (:attr:`RpcTransport.overdue_share`) above which the network counts as lossy: lookups
-then ask :data:`~p2pchat.core.lookup.FINAL_ROUND_SPARES` spares in their final round, and requests to peers not yet
-measured are reported to the lookup sooner (:data:`~p2pchat.core.rtt.HEDGE_RTTVARS`)."""
+then ask :data:`~p2pchat.core.lookup.FINAL_ROUND_SPARES` spares in their final round and start it early
+(``EARLY_FINAL_ROUND_RTT`` in :mod:`p2pchat.dht.node`), and requests to peers not yet measured are reported to the
+lookup sooner (:data:`~p2pchat.core.rtt.HEDGE_RTTVARS`)."""
 
 MAX_SETTLED_DEADLINES: Final = 256
 """Deadlines of answered or withdrawn requests the timer heap may hold beyond twice the pending ones.  They are
