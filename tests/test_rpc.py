@@ -305,11 +305,11 @@ async def test_on_a_lossy_network_a_lookup_is_told_of_a_silent_request_at_its_he
                 assert isinstance(await _lookup_request(a, b.local_address), Pong)
             silent = Address("10.9.9.9", 4000)
 
-            async def slow_after() -> tuple[float, int, float]:
+            async def slow_after(*, hedge: bool = True) -> tuple[float, int, float]:
                 """When on_slow came; how many copies were sent by then and by the soft timeout; the share."""
                 start = trio.current_time()
                 slow, settled = trio.Event(), trio.Event()
-                a.send_request(Ping(a.new_txid(), None), silent, lambda _: settled.set(), on_slow=slow.set)
+                a.send_request(Ping(a.new_txid(), None), silent, lambda _: settled.set(), on_slow=slow.set, hedge=hedge)
                 await slow.wait()
                 told = trio.current_time() - start
                 copies = a.stats.retransmits
@@ -326,6 +326,10 @@ async def test_on_a_lossy_network_a_lookup_is_told_of_a_silent_request_at_its_he
             lossy, _, resent = await slow_after()
             assert lossy == pytest.approx(a.timeouts.hedge_timeout(silent))
             assert lossy < clean
+            # Not for a request its lookup did not ask to hedge (a lookup that decides where to write).
+            a.overdue_share = 2 * LOSSY_OVERDUE_SHARE
+            unhedged, _, _ = await slow_after(hedge=False)
+            assert unhedged == pytest.approx(clean)
             # The hedge only moved the lookup on: the copy still went at the soft timeout, and the request was
             # counted overdue only then.
             assert resent == 1

@@ -129,7 +129,7 @@ starts its final round at its first answer rather than once it has converged (``
 :class:`~p2pchat.core.lookup.Lookup`).  *Why:* the final round asks every one of the k closest known anyway, and
 waits for the slowest; started at the first answer it runs alongside the last hop or two of the convergence
 instead of after them.  The cost is requests to nodes that closer ones then push out of the k closest: on the WAN
-scenario (round trips 50-300 ms, 5% loss) the median lookup went from 30 to 46 requests and from 5.6 to 4.2 round
+scenario (round trips 50-300 ms, 5% loss) the median lookup went from 30 to 45 requests and from 5.6 to 4.2 round
 trips (3.9 with the hedge, :data:`~p2pchat.core.rtt.HEDGE_RTTVARS`).  *Why only where lossy:* that is where
 lookups are slow (each round trip in sequence risks a lost datagram); on a clean network the classic order already
 ends in about 4 round trips, and the early round took the 10,000-node simulation (``bench_dht --sim``) from 28 to
@@ -311,6 +311,7 @@ class _LookupRun:
     cycle, which only the garbage collector frees.)"""
 
     __slots__ = (
+        "_hedge",
         "_in_flight",
         "_lookup",
         "_node",
@@ -329,8 +330,11 @@ class _LookupRun:
         request_for: Callable[[bytes], Packet],
         reply_type: type[Nodes] | type[Found],
         on_answer: Callable[[Candidate, Nodes | Found], None] | None,
+        *,
+        hedge: bool = False,
     ) -> None:
         self._node = node
+        self._hedge = hedge
         self._lookup = lookup
         self._request_for = request_for
         self._reply_type = reply_type
@@ -361,6 +365,7 @@ class _LookupRun:
                         candidate.address,
                         functools.partial(self._answered, candidate, key),
                         on_slow=functools.partial(self._overdue, candidate, key),
+                        hedge=self._hedge,
                     )
                 except P2PChatError as exc:  # too many requests in flight, a refused destination, our own address
                     log.debug("lookup request to %s failed: %s", candidate.address, exc)
@@ -945,8 +950,16 @@ class DhtNode:
         on_answer: Callable[[Candidate, Nodes | Found], None] | None = None,
         *,
         paths: int = 1,
+        hedge: bool = False,
     ) -> Lookup | DisjointLookup:
         """Run a lookup for *target*, asking with ``request_for(txid)``; ``on_answer`` sees every valid Found.
+
+        ``hedge``: the lookup may stop waiting for a node at its hedge on a lossy network
+        (:data:`~p2pchat.core.rtt.HEDGE_RTTVARS`).  Only for lookups whose answer any of the k closest gives whole:
+        ``find_node`` and record gets (each replica holds the whole record, and the highest sequence wins).  Not
+        where the lookup decides where to write or delete -- a store or tombstone must reach the true k closest,
+        slow ones too -- nor for a mailbox fetch, which merges what each node holds: a slow node may hold entries
+        no other one does.
 
         A plain lookup first; when *paths* > 1 and the k closest it found are crowded around the target
         (:meth:`_crowded`), the lookup runs again over *paths* disjoint paths, and that one is returned.  *Why not
@@ -986,7 +999,7 @@ class DhtNode:
             early_final_round=(lossy or target == self.node_id) and srtt is not None and srtt >= EARLY_FINAL_ROUND_RTT,
             make_address=Address,
         )
-        await self._drive(plain, request_for, reply_type, on_answer)
+        await self._drive(plain, request_for, reply_type, on_answer, hedge=hedge)
         if paths == 1 or not self._crowded(target, plain.result()):
             return plain
         # The nodes around the target sit far closer together than nodes sit around us: ids ground next to it (a
@@ -995,7 +1008,7 @@ class DhtNode:
         disjoint = DisjointLookup(
             target, seeds, paths=paths, k=self.k, alpha=self.alpha, own_id=self.node_id, make_address=Address
         )
-        await self._drive(disjoint, request_for, reply_type, on_answer)
+        await self._drive(disjoint, request_for, reply_type, on_answer, hedge=hedge)
         return disjoint
 
     def _crowded(self, target: NodeId, found: list[Candidate]) -> bool:
@@ -1015,8 +1028,10 @@ class DhtNode:
         request_for: Callable[[bytes], Packet],
         reply_type: type[Nodes] | type[Found],
         on_answer: Callable[[Candidate, Nodes | Found], None] | None,
+        *,
+        hedge: bool,
     ) -> None:
-        run = _LookupRun(self, lookup, request_for, reply_type, on_answer)
+        run = _LookupRun(self, lookup, request_for, reply_type, on_answer, hedge=hedge)
         run.ask_more()
         try:
             await run.finished.wait()
@@ -1041,10 +1056,13 @@ class DhtNode:
             lambda txid: FindNode(txid, sender, raw),
             Nodes,
             paths=self.config.disjoint_paths if paths is None else paths,
+            hedge=True,
         )
         return LookupResult(lookup.union(), lookup.hops, lookup.rpcs)
 
-    async def _find_value(self, key: NodeId, space: LookupSpace) -> tuple[Lookup | DisjointLookup, _Fetched]:
+    async def _find_value(
+        self, key: NodeId, space: LookupSpace, *, hedge: bool
+    ) -> tuple[Lookup | DisjointLookup, _Fetched]:
         fetched = _Fetched()
         replies = fetched.replies
         sender, raw, number = self._sender(), key.bytes, int(space)
@@ -1054,7 +1072,12 @@ class DhtNode:
             replies[candidate.node_id] = (candidate, reply)
 
         lookup = await self._iterate(
-            key, lambda txid: FindValue(txid, sender, raw, number), Found, keep, paths=self.config.disjoint_paths
+            key,
+            lambda txid: FindValue(txid, sender, raw, number),
+            Found,
+            keep,
+            paths=self.config.disjoint_paths,
+            hedge=hedge,
         )
         return lookup, fetched
 
@@ -1234,7 +1257,7 @@ class DhtNode:
     async def _put_blob(
         self, key: NodeId, lookup_space: LookupSpace, space: ItemSpace, blob: bytes, seq: int | None = None
     ) -> PutResult:
-        lookup, fetched = await self._find_value(key, lookup_space)
+        lookup, fetched = await self._find_value(key, lookup_space, hedge=False)
         if space is ItemSpace.TOMBSTONE:
             # A delete must reach every copy, not just the k closest now: the k closest when an entry was stored
             # may differ (the mailbox owner, offline then, is back among them).  So the tombstone goes to the k
@@ -1281,7 +1304,7 @@ class DhtNode:
         (not the first answer, not a vote), each version's signature checked here.  Replicas found lagging are
         repaired in the background."""
         key = record_key(kind, owner_key)
-        lookup, fetched = await self._find_value(key, LookupSpace.RECORD)
+        lookup, fetched = await self._find_value(key, LookupSpace.RECORD, hedge=True)
         wall = self.env.wall_time()
         versions: dict[tuple[int, bytes], list[Candidate]] = {}
         for candidate, found in fetched.replies.values():
@@ -1372,7 +1395,7 @@ class DhtNode:
                 raise ValueError(f"refusing to store an invalid entry: {exc}") from exc
         if not entries:
             return []
-        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
+        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX, hedge=False)
         closest, here = self._replica_set(mailbox, lookup)
         targets = [(c, fetched.replies[c.node_id][1]) for c in closest]
         results: list[PutResult] = []
@@ -1395,7 +1418,7 @@ class DhtNode:
 
     async def fetch_mailbox(self, mailbox: NodeId) -> MailboxResult:
         """Every valid entry the nodes closest to *mailbox* hold, each once (merged across nodes)."""
-        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX)
+        lookup, fetched = await self._find_value(mailbox, LookupSpace.MAILBOX, hedge=False)
         wall = self.env.wall_time()
         holders = [(c, f) for c, f in fetched.replies.values() if f.entries > 0]
         where: dict[bytes, list[Candidate]] = {}

@@ -212,13 +212,16 @@ class RpcTransport:
         *,
         timeout: float | None = None,
         on_slow: Callable[[], None] | None = None,
+        hedge: bool = False,
     ) -> PendingKey:
         """Send ``packet`` (its ``txid`` must be fresh); ``callback`` gets the reply, or ``None`` after the timeout.
 
         ``on_slow``, if given, is called once when the request is still unanswered at its soft timeout
         (:meth:`~p2pchat.core.rtt.TimeoutPolicy.soft_timeout`, or :data:`~p2pchat.core.rtt.SOFT_TIMEOUT_SHARE` of
         an explicit ``timeout``); such a request may also be sent again then (:data:`RETRANSMITS`), and stays
-        pending.  The callbacks run in the receive loop (or the timer task) and must not block.  Returns the key
+        pending.  With ``hedge`` (and no explicit ``timeout``), on a lossy network ``on_slow`` may come sooner, at
+        :meth:`~p2pchat.core.rtt.TimeoutPolicy.hedge_timeout`; nothing else moves.  The callbacks run in the receive
+        loop (or the timer task) and must not block.  Returns the key
         with which :meth:`cancel` withdraws the request.  Raises :class:`TooManyRequestsError` when
         :data:`MAX_PENDING_REQUESTS` are waiting, :class:`SelfRequestError` for this transport's own address.
         """
@@ -245,11 +248,11 @@ class RpcTransport:
         # The soft timeout: the request is sent again, and a lookup told it is overdue.
         first = now + soft
         heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, _SOFT))
-        if on_slow is not None and timeout is None and self.overdue_share > LOSSY_OVERDUE_SHARE:
+        if hedge and on_slow is not None and timeout is None and self.overdue_share > LOSSY_OVERDUE_SHARE:
             # On a lossy network the lookup is told sooner (the request is sent again at its soft timeout, as ever).
-            hedge = self.timeouts.hedge_timeout(destination)
-            if hedge is not None:
-                first = now + hedge
+            hedge_after = self.timeouts.hedge_timeout(destination)
+            if hedge_after is not None:
+                first = now + hedge_after
                 heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, _HEDGE))
         timer = self._timer
         if timer is not None and first < timer.deadline:
