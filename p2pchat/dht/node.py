@@ -568,7 +568,7 @@ class DhtNode:
         self._bootstrap_addresses: list[Address] = []
         self._unbootstrapped = False
         self._rejoin_at = 0.0
-        self._rejoin_wait = MAINTENANCE_INTERVAL / 2
+        self._rejoin_wait = MAINTENANCE_INTERVAL / 2  # doubled by a first attempt that teaches nothing
         self._rechecked: dict[NodeId, float] = {}
         self.liveness_dropped = 0
         self._published: OrderedDict[NodeId, SignedRecord] = OrderedDict()
@@ -986,7 +986,7 @@ class DhtNode:
         # more than they save.  Except the early round of a lookup of our own id (a join): its answers are what
         # fill our routing table, and every later lookup is shorter for it.
         transport = self.transport
-        lossy = transport.overdue_share > LOSSY_OVERDUE_SHARE
+        lossy = transport.lossy
         srtt = transport.timeouts.overall.srtt
         plain = Lookup(
             target,

@@ -191,6 +191,12 @@ class RpcTransport:
         full of departed contacts, this node's network looks from here."""
 
     @property
+    def lossy(self) -> bool:
+        """Whether requests are often overdue (:data:`LOSSY_OVERDUE_SHARE`): lookups then ask spares, start their
+        final round early and hedge."""
+        return self.overdue_share > LOSSY_OVERDUE_SHARE
+
+    @property
     def local_address(self) -> Address:
         """Where this transport receives."""
         return self.endpoint.local_address
@@ -248,7 +254,7 @@ class RpcTransport:
         # The soft timeout: the request is sent again, and a lookup told it is overdue.
         first = now + soft
         heapq.heappush(self._deadlines, (first, next(self._sequence), key, pending, _SOFT))
-        if hedge and on_slow is not None and timeout is None and self.overdue_share > LOSSY_OVERDUE_SHARE:
+        if hedge and on_slow is not None and timeout is None and self.lossy:
             # On a lossy network the lookup is told sooner (the request is sent again at its soft timeout, as ever).
             hedge_after = self.timeouts.hedge_timeout(destination)
             if hedge_after is not None:
