@@ -22,6 +22,7 @@ answered twice costs a reply, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -308,14 +309,8 @@ class RpcTransport:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_loop)
                 task_status.started()
-                endpoint = self.endpoint
-                while True:
-                    try:
-                        batch = await endpoint.receive_batch()
-                    except trio.ClosedResourceError:
-                        break
-                    for data, source in batch:
-                        self._on_datagram(data, source)
+                with contextlib.suppress(trio.ClosedResourceError):
+                    await self.endpoint.serve(self._on_datagram)
                 nursery.cancel_scope.cancel()
         finally:
             self._stop()

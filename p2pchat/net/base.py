@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Self
 
@@ -99,6 +100,17 @@ class DatagramEndpoint(abc.ABC):
 
         Draining in one wake-up is what lets thousands of simulated hosts share one process.
         """
+
+    async def serve(self, deliver: Callable[[bytes, Address], None]) -> None:
+        """Call ``deliver(data, source)`` for every datagram that arrives, oldest first, until the endpoint closes
+        (then raise :class:`trio.ClosedResourceError`) or ``deliver`` raises (then raise that).
+
+        ``deliver`` must not block: it runs inside the receive path, possibly in another endpoint's task (see
+        :meth:`p2pchat.net.real.RealDatagramEndpoint.serve`).  Use either this or :meth:`receive_batch`, not both.
+        """
+        while True:
+            for data, source in await self.receive_batch():
+                deliver(data, source)
 
     async def receive(self) -> tuple[bytes, Address]:
         """Return one datagram (convenient for tests and small tools; services should use receive_batch)."""

@@ -11,9 +11,11 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
 import socket as stdlib_socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import outcome
 import trio
 
 from p2pchat.errors import ConnectError, DestinationNotAllowedError
@@ -22,6 +24,7 @@ from p2pchat.net.base import Address, DatagramEndpoint, Listener, Network, Strea
 __all__ = [
     "ALLOW_ENV_VAR",
     "MAX_DATAGRAMS_PER_BATCH",
+    "MAX_SOCKETS_PER_POLL",
     "RECEIVE_BUFFER_BYTES",
     "UDP_SOCKET_BUFFER_BYTES",
     "AllowList",
@@ -40,6 +43,9 @@ lookup are not dropped at the socket."""
 
 MAX_DATAGRAMS_PER_BATCH = 256
 """Datagrams drained per wake-up, so one flooded socket cannot starve the other tasks."""
+
+MAX_SOCKETS_PER_POLL = 256
+"""Readable sockets a shared poller serves (one datagram each) before it lets the other tasks run."""
 
 _ALLOW_CACHE_LIMIT = 4096
 
@@ -108,17 +114,182 @@ def _address(sockaddr: tuple[object, ...]) -> Address:
     return Address(host, port)
 
 
+class _Served:
+    """One endpoint served by a :class:`_SharedPoller`: where its datagrams go and whom to tell when it ends."""
+
+    __slots__ = ("deliver", "endpoint", "error", "fd", "parked", "task")
+
+    def __init__(self, endpoint: RealDatagramEndpoint, deliver: Callable[[bytes, Address], None]) -> None:
+        self.endpoint = endpoint
+        self.fd = endpoint.fileno()  # kept: a closed socket's fileno() is -1
+        self.deliver = deliver
+        self.task = trio.lowlevel.current_task()
+        self.error: BaseException | None = None  # raised in ``task``: from ``deliver``, a socket, or a close
+        self.parked = False  # the task sleeps in _SharedPoller.serve and may be woken once
+
+
+class _SharedPoller:
+    """Serves every endpoint of one :class:`RealNetwork` from one epoll set, in the task of one of them.
+
+    With a task per socket, each datagram costs a trio wake-up: re-arming the socket in trio's epoll, the
+    scheduler's pass and a task switch.  That is nothing for a node alone, but a process hosting hundreds of nodes
+    (a benchmark, a test network on loopback) spent about a tenth of its time there.  Here the sockets stay
+    registered (level-triggered) in an epoll set of our own; one served endpoint's task, the leader, waits on it,
+    reads one datagram from each readable socket and calls that endpoint's ``deliver`` at once; the other tasks
+    sleep until their endpoint closes, their ``deliver`` raises, or the leader leaves (then one of them leads).
+    """
+
+    __slots__ = ("_epoll", "_leader", "_leader_scope", "_served")
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._served: dict[int, _Served] = {}
+        self._leader: _Served | None = None
+        self._leader_scope: trio.CancelScope | None = None
+
+    async def serve(self, endpoint: RealDatagramEndpoint, deliver: Callable[[bytes, Address], None]) -> None:
+        served = _Served(endpoint, deliver)
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        self._epoll.register(served.fd, select.EPOLLIN)
+        self._served[served.fd] = served
+        try:
+            while True:
+                if served.error is not None:
+                    raise served.error
+                if self._leader is None:
+                    await self._lead(served)
+                else:
+                    await self._park(served)
+        finally:
+            self._forget(served)
+            epoll = self._epoll
+            if not self._served and self._leader is None and epoll is not None:
+                # The last one out closes the set (a leader on its way out would still poll it).
+                self._epoll = None
+                trio.lowlevel.notify_closing(epoll.fileno())
+                epoll.close()
+
+    def closing(self, endpoint: RealDatagramEndpoint) -> None:
+        """``endpoint`` is about to close its socket: stop polling it (before its fd number can be reused) and end
+        its :meth:`serve` with :class:`trio.ClosedResourceError`."""
+        served = self._served.get(endpoint.fileno())
+        if served is not None and served.endpoint is endpoint:
+            self._forget(served)
+            self._fail(served, trio.ClosedResourceError("datagram endpoint is closed"))
+
+    def _forget(self, served: _Served) -> None:
+        fd = served.fd
+        if self._served.get(fd) is served:
+            del self._served[fd]
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+
+    def _fail(self, served: _Served, error: BaseException) -> None:
+        # The error belongs to the served endpoint's own task: it ends that serve, not the leader's.
+        if served.error is None:
+            served.error = error
+        if served is self._leader:
+            assert self._leader_scope is not None
+            self._leader_scope.cancel()
+        else:
+            self._wake(served)
+
+    @staticmethod
+    def _wake(served: _Served) -> None:
+        if served.parked:
+            served.parked = False
+            trio.lowlevel.reschedule(served.task, outcome.Value(None))
+
+    async def _park(self, served: _Served) -> None:
+        def abort(_: object) -> trio.lowlevel.Abort:
+            served.parked = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        served.parked = True
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _lead(self, served: _Served) -> None:
+        self._leader = served
+        try:
+            with trio.CancelScope() as scope:
+                self._leader_scope = scope
+                await self._poll()
+        finally:
+            self._leader = None
+            self._leader_scope = None
+            # Someone must go on polling for the others.
+            for other in self._served.values():
+                if other.parked:
+                    self._wake(other)
+                    break
+
+    async def _poll(self) -> None:
+        epoll = self._epoll
+        assert epoll is not None
+        served_by_fd = self._served
+        while True:
+            ready = epoll.poll(0, MAX_SOCKETS_PER_POLL)
+            if not ready:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                continue
+            for fd, _ in ready:
+                served = served_by_fd.get(fd)
+                if served is None:
+                    continue  # closed by an earlier delivery in this round
+                # One datagram per socket per round: readiness is level-triggered, so a socket with more is in
+                # the next round's list, and no read is wasted on finding a socket empty.
+                try:
+                    data, sockaddr = served.endpoint.recv_one()
+                except (BlockingIOError, ConnectionRefusedError):
+                    continue  # nothing after all, or an earlier send's ICMP error (not data)
+                except OSError as exc:
+                    self._forget(served)
+                    self._fail(served, exc)
+                    continue
+                try:
+                    served.deliver(data, _address(sockaddr))
+                except Exception as exc:
+                    # The endpoint's own task raises it, as its receive loop would have; the others go on.
+                    self._forget(served)
+                    self._fail(served, exc)
+            await trio.lowlevel.checkpoint()
+
+
 class RealDatagramEndpoint(DatagramEndpoint):
-    """A UDP socket driven by trio's readiness API, so a wake-up drains everything queued in the kernel."""
+    """A UDP socket.  :meth:`serve` hands it to its network's shared poller; :meth:`receive_batch` waits on it
+    alone with trio's readiness API, so that a wake-up drains everything queued in the kernel."""
 
-    __slots__ = ("_allow", "_closed", "_emptied", "_sock")
+    __slots__ = ("_allow", "_closed", "_emptied", "_poller", "_sock")
 
-    def __init__(self, sock: stdlib_socket.socket, allow: AllowList) -> None:
+    def __init__(self, sock: stdlib_socket.socket, allow: AllowList, poller: _SharedPoller | None = None) -> None:
         super().__init__(_address(sock.getsockname()))
         self._sock = sock
         self._allow = allow
+        self._poller = poller
         self._closed = False
         self._emptied = False
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    def recv_one(self) -> tuple[bytes, tuple[object, ...]]:
+        """Read one datagram without waiting (:class:`BlockingIOError` if there is none); for the poller."""
+        data, sockaddr = self._sock.recvfrom(RECEIVE_BUFFER_BYTES)
+        self.stats.received += 1
+        return data, sockaddr
+
+    async def serve(self, deliver: Callable[[bytes, Address], None]) -> None:
+        """See :meth:`DatagramEndpoint.serve`.  Where epoll exists, every endpoint of the network is served by
+        one poller in the task of one of them (so ``deliver`` may run in another endpoint's task); its errors
+        are still raised here."""
+        if self._closed:
+            raise trio.ClosedResourceError("datagram endpoint is closed")
+        if self._poller is None:
+            await super().serve(deliver)
+        else:
+            await self._poller.serve(self, deliver)
 
     def send(self, data: bytes, destination: Address) -> None:
         """Send one datagram; a full kernel buffer or an ICMP error drops it and counts it."""
@@ -182,6 +353,8 @@ class RealDatagramEndpoint(DatagramEndpoint):
         """Close the socket (wakes a blocked receive with ClosedResourceError)."""
         if not self._closed:
             self._closed = True
+            if self._poller is not None:
+                self._poller.closing(self)
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
         await trio.lowlevel.checkpoint()
@@ -238,6 +411,8 @@ class RealNetwork(Network):
     """The host's real network, limited to the destinations of an :class:`AllowList`."""
 
     def __init__(self, allow: Iterable[str | IPNetwork] | AllowList | None = None) -> None:
+        # Without epoll (not Linux) each endpoint's serve waits on its own socket.
+        self._poller = _SharedPoller() if hasattr(select, "epoll") else None
         if isinstance(allow, AllowList):
             self.allow = allow
         elif allow is None:
@@ -261,7 +436,7 @@ class RealNetwork(Network):
             sock.close()
             raise
         await trio.lowlevel.checkpoint()
-        return RealDatagramEndpoint(sock, self.allow)
+        return RealDatagramEndpoint(sock, self.allow, self._poller)
 
     async def open_listener(self, host: str, port: int = 0) -> Listener:
         """Listen for TCP connections on ``host:port``."""
