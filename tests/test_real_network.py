@@ -17,6 +17,7 @@ from p2pchat.net.real import (
     ALLOW_ENV_VAR,
     MAX_DATAGRAMS_PER_BATCH,
     MAX_SOCKETS_PER_POLL,
+    POLLED_DATAGRAMS_PER_TURN,
     AllowList,
     RealNetwork,
 )
@@ -270,6 +271,40 @@ async def test_more_readable_sockets_than_one_poll_takes_are_all_served(network:
             for endpoint in endpoints:
                 await endpoint.aclose()
         assert sorted(arrivals, key=int) == [b"%d" % i for i in range(len(endpoints))]
+
+
+async def test_the_poller_lets_other_tasks_run_between_turns(network: RealNetwork) -> None:
+    async with await network.open_datagram("127.0.0.1") as client, await network.open_datagram("127.0.0.1") as server:
+        count = 3 * POLLED_DATAGRAMS_PER_TURN
+        ticks = 0
+        ticks_seen: list[int] = []
+        done = trio.Event()
+
+        def deliver(data: bytes, source: Address) -> None:
+            del data, source
+            ticks_seen.append(ticks)
+            if len(ticks_seen) == count:
+                done.set()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                await trio.lowlevel.checkpoint()
+                ticks += 1
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve, deliver)
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(count):
+                    client.send(b"%d" % i, server.local_address)
+                nursery.start_soon(ticker)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+        # No other task runs inside a turn; between turns, they do.
+        changes = [i for i in range(1, count) if ticks_seen[i] != ticks_seen[i - 1]]
+        assert changes
+        assert all(i % POLLED_DATAGRAMS_PER_TURN == 0 for i in changes)
 
 
 @pytest.mark.parametrize("host", LOOPBACKS)
