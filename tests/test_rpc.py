@@ -11,7 +11,7 @@ import trio.testing
 from p2pchat.core.framing import encode_datagram
 from p2pchat.core.identity import Identity
 from p2pchat.core.nodecert import issue_cert
-from p2pchat.core.packets import FindNode, Nodes, Ping, Pong
+from p2pchat.core.packets import TXID_BYTES, FindNode, Nodes, Ping, Pong
 from p2pchat.core.rtt import (
     HEDGE_RTTVARS,
     INITIAL_RTO,
@@ -29,6 +29,7 @@ from p2pchat.dht.rpc import (
     MAX_PENDING_REQUESTS,
     MAX_SETTLED_DEADLINES,
     OVERDUE_WEIGHT,
+    TXIDS_PER_DRAW,
     RequestTimeoutError,
     RpcTransport,
     TooManyRequestsError,
@@ -55,6 +56,23 @@ async def _transport(net: SimNetwork, seed: int, handler=pong_handler) -> RpcTra
     host = net.add_host()
     endpoint = await host.open_datagram(host.address, 4000)
     return RpcTransport(Env.simulated(host, seed), endpoint, handler, reply_types=REPLIES)
+
+
+async def test_txids_are_drawn_from_the_environments_random_bytes_in_pools() -> None:
+    async with open_sim_network(3) as net:
+        transport = await _transport(net, 3)
+        draws: list[int] = []
+        random_bytes = transport.env.random_bytes
+
+        def counted(n: int) -> bytes:
+            draws.append(n)
+            return random_bytes(n)
+
+        transport.env.random_bytes = counted
+        txids = [transport.new_txid() for _ in range(TXIDS_PER_DRAW + 1)]
+        assert draws == [TXID_BYTES * TXIDS_PER_DRAW] * 2  # the last txid needed a second draw
+        assert all(len(txid) == TXID_BYTES for txid in txids)
+        assert len(set(txids)) == len(txids)
 
 
 async def test_request_gets_its_reply_and_measures_rtt(autojump_clock: trio.testing.MockClock) -> None:
