@@ -11,8 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2pchat.core.ids import NodeId
+from p2pchat.core.identity import Identity
+from p2pchat.core.ids import NodeId, node_id_for_key
 from p2pchat.core.lookup import DISJOINT_PATHS, FINAL_ROUND_SPARES, Lookup
+from p2pchat.core.nodecert import CertCache
 from p2pchat.core.packets import FindNode, Ping
 from p2pchat.core.routing import MAX_FAILURES, Contact, K
 from p2pchat.core.schema import Packet
@@ -26,6 +28,7 @@ from p2pchat.dht.node import (
     DhtNode,
 )
 from p2pchat.dht.rpc import RequestTimeoutError
+from p2pchat.env import Env
 from p2pchat.net import Address
 from p2pchat.net.sim import SimHost, open_sim_network
 
@@ -234,6 +237,45 @@ async def _marked_bad(us: DhtNode, peer: DhtNode, peer_host: SimHost) -> Contact
     contact = us.routing.get(peer.node_id)
     assert contact is not None
     return contact
+
+
+async def test_a_stranger_a_full_bucket_could_only_cache_is_answered_without_a_certificate_check(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim_network(24, default_link=LINK) as net, trio.open_nursery() as nursery:
+        us, _ = await start_nodes(net, nursery, 1, seed=24, certs=CertCache())
+        us_node = us[0]
+        far_half = (~us_node.node_id.int) & (1 << 159)  # the top bit we do not have
+        rng = random.Random(24)
+        fakes = [NodeId.from_int(far_half | rng.getrandbits(159)) for _ in range(K)]
+        now = trio.current_time()
+        for i, fake in enumerate(fakes):
+            us_node.routing.observe(fake, Address(f"10.9.{i}.1", 4000), now)
+        us_node.routing.observe(NodeId.from_int(us_node.node_id.int ^ 1), Address("10.9.99.1", 4000), now)  # split
+        assert len(us_node.routing.bucket_for(fakes[0])) == K
+        # A node whose id lies in that full far bucket, with a certificate cache of its own.
+        seed = 0
+        while True:
+            host = net.add_host()
+            env = Env.simulated(host, 2400 + seed)
+            identity = Identity.generate(env.random_bytes)
+            if node_id_for_key(identity.public.key).int & (1 << 159) == far_half:
+                break
+            seed += 1
+        stranger = DhtNode(env, identity, host=host.address, port=4000)
+        await nursery.start(stranger.run)
+        checks = us_node.certs.verifications
+        assert await stranger.ping(us_node.address) == us_node.node_id  # answered all the same
+        assert us_node.certs.verifications == checks
+        assert us_node.senders_unchecked == 1
+        assert stranger.node_id not in us_node.routing
+        # Once the bucket has room, the next request is checked and the stranger taken.
+        us_node.routing.remove(fakes[0])
+        assert await stranger.ping(us_node.address) == us_node.node_id
+        assert us_node.certs.verifications == checks + 1
+        assert us_node.senders_unchecked == 1
+        assert stranger.node_id in us_node.routing
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_contact_marked_bad_that_asks_us_something_is_pinged_and_counted_again(

@@ -202,6 +202,31 @@ def test_a_newcomer_to_a_full_bucket_gets_the_least_recently_seen_contact_pinged
     assert result.ping_candidate.node_id == ids[1]
 
 
+def test_would_keep_is_false_only_for_a_stranger_that_a_full_bucket_would_just_cache() -> None:
+    rng = random.Random(41)
+    table = RoutingTable(OWN)
+    assert not table.would_keep(OWN, 0.0)
+    ids = full_far_bucket(rng, table)
+    assert table.would_keep(far_ids(rng, 1)[0], 1.0)  # the bucket still holds our own id: it would split
+    table.observe(far_ids(rng, 1)[0], public(50), 1.0)  # split; the far bucket is full of contacts seen at 0
+    stranger = far_ids(rng, 1)[0]
+    assert table.would_keep(ids[3], 1.0)  # a member
+    assert table.would_keep(NodeId.from_int(1), 1.0)  # the near bucket has room
+    assert not table.would_keep(stranger, 1.0)
+    assert table.would_keep(stranger, LATER)  # the oldest contact is idle long enough to be pinged for it
+    assert table.observe(stranger, public(51), LATER).ping_candidate is not None
+    assert not table.would_keep(far_ids(rng, 1)[0], LATER)  # a ping is already out for this bucket
+    # A bad contact makes way without a ping (it stays bad while no replacement waits).
+    table = RoutingTable(OWN)
+    ids = full_far_bucket(rng, table)
+    table.observe(NodeId.from_int(1), public(60), 1.0)  # splits; lands in the near half
+    assert not table.would_keep(stranger, 1.0)
+    for _ in range(MAX_FAILURES):
+        table.request_failed(ids[5], 1.0)
+    assert table.would_keep(stranger, 1.0)
+    assert table.observe(stranger, public(61), 1.0).outcome is ObserveOutcome.ADDED
+
+
 def test_a_failed_ping_evicts_the_candidate_and_promotes_the_newcomer() -> None:
     rng = random.Random(5)
     table = RoutingTable(OWN)
@@ -653,6 +678,7 @@ def test_random_operations_keep_every_invariant() -> None:
     own = NodeId.from_int(rng.getrandbits(NODE_ID_BITS))
     table = RoutingTable(own, k=3, replacement_cache_size=2, subnet_exempt=None)
     known: list[NodeId] = []
+    not_kept = kept_anyway = 0
     for step in range(20_000):
         now = step * 0.5
         roll = rng.random()
@@ -660,7 +686,12 @@ def test_random_operations_keep_every_invariant() -> None:
             node_id = NodeId.from_int(own.int ^ rng.getrandbits(rng.randrange(1, NODE_ID_BITS + 1)))
             known.append(node_id)
             host = f"81.{rng.randrange(4)}.{rng.randrange(3)}.{rng.randrange(1, 255)}"
-            table.observe(node_id, Address(host, 4000), now)
+            keep = table.would_keep(node_id, now)
+            result = table.observe(node_id, Address(host, 4000), now)
+            if not keep:  # then the DHT skips the certificate check: the table must not have taken it
+                kept_anyway += result.outcome in (ObserveOutcome.ADDED, ObserveOutcome.UPDATED)
+                kept_anyway += result.ping_candidate is not None
+                not_kept += 1
         elif roll < 0.7:
             table.request_failed(rng.choice(known), now)
         elif roll < 0.85:
@@ -675,6 +706,8 @@ def test_random_operations_keep_every_invariant() -> None:
         if step % 1000 == 0:
             check_invariants(table)
     check_invariants(table)
+    assert not_kept > 1000  # would_keep said no often enough to mean something, and was right every time
+    assert kept_anyway == 0
 
 
 def test_invalid_parameters_are_refused() -> None:

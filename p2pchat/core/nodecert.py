@@ -107,6 +107,11 @@ class CertCache:
     def __len__(self) -> int:
         return len(self._verified)
 
+    def knows(self, cert: NodeCert) -> bool:
+        """Whether ``cert``'s signature was verified already (so :meth:`verify` would not check it again)."""
+        hit = self._verified.get(cert.signature)
+        return hit is not None and (hit[0] is cert or hit[0] == cert)
+
     def verify(self, cert: NodeCert, source_host: str, source_port: int, now: float) -> NodeId:
         """Return the node id ``cert`` proves for a datagram from ``source``; raise ProtocolError if it does not.
 

@@ -402,6 +402,29 @@ class RoutingTable:
         self._cache(bucket, contact, limited)
         return ObserveResult(ObserveOutcome.CACHED, contact, self._ping_candidate(bucket, now))
 
+    def would_keep(self, node_id: NodeId, now: float) -> bool:
+        """Whether :meth:`observe` would do more with *node_id* now than park it in the replacement cache.
+
+        True when it is in the table, or its bucket has room, can split, holds a bad contact, or is due a ping of
+        its least recently seen contact.  The DHT asks first so that it checks a stranger's certificate only when
+        the table could take the stranger: in a large network most requests come from nodes whose bucket here is
+        full.  ``False`` is exact: :meth:`observe` would cache the node (or reject it) and ask for no ping.  ``True``
+        may be too hopeful (a split that leaves no room, a full subnet); that only costs the check.
+        """
+        key = node_id.int
+        if key == self._own:
+            return False
+        bucket = self._bucket_of(key)
+        contacts = bucket._contacts
+        if len(contacts) < self.k or _find(contacts, key) >= 0:
+            return True
+        if bucket is self._buckets[-1] and len(self._buckets) < MAX_BUCKETS:
+            return True
+        for contact in contacts:
+            if contact.failures >= MAX_FAILURES:
+                return True
+        return self._ping_due(bucket, now)
+
     def request_succeeded(self, node_id: NodeId, now: float, address: Address | None = None) -> bool:
         """Record that *node_id* answered a request: its failures reset and it becomes the most recently seen.
 
@@ -631,13 +654,19 @@ class RoutingTable:
             del replacements[0]
         replacements.append(contact)
 
-    def _ping_candidate(self, bucket: Bucket, now: float) -> Contact | None:
-        pinging = bucket._pinging
-        if pinging is not None and now - bucket._ping_sent < PING_CANDIDATE_TIMEOUT:
-            return None  # one outstanding ping per bucket is enough
+    @staticmethod
+    def _ping_due(bucket: Bucket, now: float) -> bool:
+        """Whether a newcomer to the full *bucket* would get its least recently seen contact pinged."""
+        if bucket._pinging is not None and now - bucket._ping_sent < PING_CANDIDATE_TIMEOUT:
+            return False  # one outstanding ping per bucket is enough
         oldest = bucket._contacts[0]
-        if oldest.failures == 0 and now - oldest.last_seen < PING_CANDIDATE_MIN_IDLE:
-            return None  # everyone in the bucket was heard from a moment ago
+        # Not when everyone in the bucket was heard from a moment ago.
+        return oldest.failures > 0 or now - oldest.last_seen >= PING_CANDIDATE_MIN_IDLE
+
+    def _ping_candidate(self, bucket: Bucket, now: float) -> Contact | None:
+        if not self._ping_due(bucket, now):
+            return None
+        oldest = bucket._contacts[0]
         bucket._pinging = oldest
         bucket._ping_sent = now
         return oldest
