@@ -99,7 +99,7 @@ async def test_contacts_remembered_for_stores_are_bounded(autojump_clock: trio.t
             reply = await me.request(Store(me.new_txid(), key.bytes, 1, tokens[key], part), target.address)
             assert isinstance(reply, Stored) and reply.complete
             held = target._handed[(Space.RECORD, key)]
-            assert held == {c.node_id for c in target.routing.closest(key, target.k)}
+            assert held == {c.node_id.bytes for c in target.routing.closest(key, target.k)}
         nursery.cancel_scope.cancel()
 
 
