@@ -618,6 +618,8 @@ def test_closest_equals_a_brute_force_sort(seed: int, k: int, nodes: int) -> Non
         exclude = rng.random() < 0.7
         expected = brute_force_closest(table, target, count, exclude)
         assert table.closest(target, count, exclude_failing=exclude) == expected
+        unordered = table.closest(target, count, exclude_failing=exclude, ordered=False)
+        assert sorted(unordered, key=lambda c: c.node_id.int ^ target.int) == expected
 
 
 def test_closest_of_an_empty_table_or_for_no_count() -> None:

@@ -514,11 +514,15 @@ class RoutingTable:
 
     # --- what to ask -------------------------------------------------------------------------------------------
 
-    def closest(self, target: NodeId, count: int = K, *, exclude_failing: bool = True) -> list[Contact]:
+    def closest(
+        self, target: NodeId, count: int = K, *, exclude_failing: bool = True, ordered: bool = True
+    ) -> list[Contact]:
         """Up to *count* contacts closest to *target* by XOR distance, closest first.
 
         Bad contacts (see :attr:`Contact.is_bad`) are left out unless *exclude_failing* is false.  The table is
-        walked outward from the target's bucket, so a call sorts a few buckets, not the whole table.
+        walked outward from the target's bucket, so a call sorts a few buckets, not the whole table.  With
+        ``ordered=False`` the same contacts come in no particular order, and only a group of buckets that holds
+        more than are still wanted is sorted (a reply's contacts: the asker sorts them itself).
         """
         if count <= 0:
             return []
@@ -543,16 +547,23 @@ class RoutingTable:
             bucket = buckets[index]
             taken.append(bucket)
             held += len(bucket._contacts)
-            if (held < need or 0 < position < group_end) and position < final:
+            if position < final and (0 < position < group_end or (ordered and held < need)):
                 continue
-            # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
-            # (so are ids), so a contact is never compared.
-            if exclude_failing:
-                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
+            if not ordered and held <= need:
+                # A whole group fits: it is in the answer whatever the order inside it.
+                if exclude_failing:
+                    result.extend([c for b in taken for c in b._contacts if c.failures < MAX_FAILURES])
+                else:
+                    result.extend([c for b in taken for c in b._contacts])
             else:
-                ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
-            ranked.sort()
-            result.extend([c for _, c in ranked[:need]])
+                # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
+                # (so are ids), so a contact is never compared.
+                if exclude_failing:
+                    ranked = [(c._key ^ t, c) for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
+                else:
+                    ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
+                ranked.sort()
+                result.extend([c for _, c in ranked[:need]])
             need = count - len(result)
             if need <= 0:
                 break

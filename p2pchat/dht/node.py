@@ -734,7 +734,7 @@ class DhtNode:
         return None
 
     def _node_infos(self, target: NodeId) -> tuple[NodeInfo, ...]:
-        return self._infos_of(self.routing.closest(target, MAX_NODES_PER_REPLY))
+        return self._infos_of(self.routing.closest(target, MAX_NODES_PER_REPLY, ordered=False))
 
     @staticmethod
     def _infos_of(contacts: list[Contact]) -> tuple[NodeInfo, ...]:
@@ -761,7 +761,8 @@ class DhtNode:
                 seq, digest = item.seq, item.digest
         else:
             entries = self.store.entry_count(key)
-        contacts = self.routing.closest(key, MAX_NODES_PER_REPLY)
+        # In no particular order: the asker sorts them, and the hand-over bookkeeping below takes them all.
+        contacts = self.routing.closest(key, MAX_NODES_PER_REPLY, ordered=False)
         # A store under this key is likely to follow: its hand-over bookkeeping reuses these contacts.
         served = self._served
         served[key] = contacts
@@ -814,9 +815,9 @@ class DhtNode:
             # (the contacts this node named in its answer to that lookup, when it still remembers them).
             handed = self._handed.setdefault((_group(space), key), set())
             closest = self._served.get(key)
-            if closest is None or self.k > MAX_NODES_PER_REPLY:
+            if closest is None or self.k != MAX_NODES_PER_REPLY:  # (the remembered answer is in no order)
                 closest = self.routing.closest(key, self.k)
-            handed.update([c.node_id.bytes for c in closest[: self.k]])
+            handed.update([c.node_id.bytes for c in closest])
         self._recent_stores[recent_key] = reply
         if len(self._recent_stores) > MAX_RECENT_STORES:
             self._recent_stores.popitem(last=False)
