@@ -11,7 +11,9 @@ from p2pchat.core.ids import NODE_ID_BITS, NodeId
 from p2pchat.core.routing import (
     BUCKET_REFRESH_INTERVAL,
     FAR_BUCKET_REFRESH_INTERVAL,
+    ID_RANGE_BITS,
     MAX_BUCKETS,
+    MAX_CONTACTS_PER_ID_RANGE,
     MAX_CONTACTS_PER_SUBNET_PER_BUCKET,
     MAX_FAILURES,
     PING_CANDIDATE_MIN_IDLE,
@@ -225,6 +227,58 @@ def test_would_keep_is_false_only_for_a_stranger_that_a_full_bucket_would_just_c
         table.request_failed(ids[5], 1.0)
     assert table.would_keep(stranger, 1.0)
     assert table.observe(stranger, public(61), 1.0).outcome is ObserveOutcome.ADDED
+
+
+def test_a_far_bucket_takes_at_most_max_contacts_per_id_range_from_one_id_range() -> None:
+    rng = random.Random(42)
+    table = RoutingTable(OWN)
+    table.observe(NodeId.from_int(1), public(0), 0.0)
+    table.observe(NodeId.from_int(TOP | 1), public(1), 0.0)
+    table.observe(NodeId.from_int(2), public(2), 0.0)
+    for i in range(K - 2):  # fill the single bucket, then split it: the far half becomes a bucket of depth 1
+        table.observe(NodeId.from_int(rng.getrandbits(NODE_ID_BITS - 1)), public(10 + i), 0.0)
+    table.observe(NodeId.from_int(3), public(3), 0.0)
+    far = table.bucket_for(NodeId.from_int(TOP))
+    assert far.depth == 1 and far is not table.buckets[-1]
+    # A cluster of ids ground next to one key: they share far more than the bucket's prefix and ID_RANGE_BITS.
+    shift = NODE_ID_BITS - 1 - ID_RANGE_BITS
+    cluster = [NodeId.from_int(TOP | (0b101101 << shift) | rng.getrandbits(shift)) for _ in range(10)]
+    outcomes = [table.observe(node_id, public(100 + i), 0.0).outcome for i, node_id in enumerate(cluster)]
+    assert outcomes[:MAX_CONTACTS_PER_ID_RANGE] == [ObserveOutcome.ADDED] * MAX_CONTACTS_PER_ID_RANGE
+    assert set(outcomes[MAX_CONTACTS_PER_ID_RANGE:]) == {ObserveOutcome.REJECTED_ID_RANGE}
+    # Ids elsewhere in the bucket's range still get in.
+    spread = [NodeId.from_int(TOP | (r << shift) | rng.getrandbits(shift)) for r in range(1, 8)]
+    assert all(table.observe(n, public(200 + i), 0.0).outcome is ObserveOutcome.ADDED for i, n in enumerate(spread))
+    check_invariants(table)
+
+
+def test_the_bucket_holding_our_own_id_has_no_id_range_limit() -> None:
+    table = RoutingTable(OWN)
+    near = [NodeId.from_int(i + 1) for i in range(K)]  # all in one id range of the single bucket
+    assert all(table.observe(n, public(i), 0.0).outcome is ObserveOutcome.ADDED for i, n in enumerate(near))
+
+
+def test_promotion_skips_a_replacement_whose_id_range_is_full() -> None:
+    rng = random.Random(43)
+    table = RoutingTable(OWN)
+    shift = NODE_ID_BITS - 1 - ID_RANGE_BITS
+    # The far bucket: MAX_CONTACTS_PER_ID_RANGE - 1 contacts in range 0b000001, the rest spread over other ranges.
+    crowded = [NodeId.from_int(TOP | (1 << shift) | rng.getrandbits(shift)) for _ in range(MAX_CONTACTS_PER_ID_RANGE)]
+    others = [NodeId.from_int(TOP | ((2 + i % 60) << shift) | rng.getrandbits(shift)) for i in range(K - len(crowded))]
+    for i, node_id in enumerate(crowded + others):
+        table.observe(node_id, public(i), 0.0)
+    table.observe(NodeId.from_int(1), public(90), 0.0)  # split: the far half is now a bucket of its own
+    far = table.bucket_for(crowded[0])
+    assert len(far.contacts) == K
+    # Two newcomers wait in the cache: the older in a free range, the newer in the crowded one.
+    free = NodeId.from_int(TOP | (63 << shift) | rng.getrandbits(shift))
+    more = NodeId.from_int(TOP | (1 << shift) | rng.getrandbits(shift))
+    assert table.observe(free, public(91), 1.0).outcome is ObserveOutcome.CACHED
+    assert table.observe(more, public(92), 2.0).outcome is ObserveOutcome.CACHED
+    table.remove(others[0])  # a contact outside the crowded range leaves: the newer cache entry would crowd it
+    assert table.get(free) is not None
+    assert table.get(more) is None
+    check_invariants(table)
 
 
 def test_a_failed_ping_evicts_the_candidate_and_promotes_the_newcomer() -> None:

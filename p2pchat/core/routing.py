@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BUCKET_REFRESH_INTERVAL",
     "FAR_BUCKET_REFRESH_INTERVAL",
+    "ID_RANGE_BITS",
     "MAX_BUCKETS",
+    "MAX_CONTACTS_PER_ID_RANGE",
     "MAX_CONTACTS_PER_SUBNET_PER_BUCKET",
     "MAX_FAILURES",
     "PING_CANDIDATE_MIN_IDLE",
@@ -71,6 +73,18 @@ REPLACEMENT_CACHE_SIZE: Final = 10
 
 MAX_CONTACTS_PER_SUBNET_PER_BUCKET: Final = 2
 """Most contacts from one IPv4 /24 or IPv6 /64 in one bucket (and, separately, in its replacement cache)."""
+
+ID_RANGE_BITS: Final = 6
+"""Bits after a bucket's prefix that split its range into 64 id ranges (see :data:`MAX_CONTACTS_PER_ID_RANGE`)."""
+
+MAX_CONTACTS_PER_ID_RANGE: Final = 4
+"""Most contacts in one bucket whose ids fall in one of its :data:`ID_RANGE_BITS` id ranges.
+
+Honest ids are spread evenly over a bucket's range (twenty in 64 ranges put five in one about once in a thousand
+buckets); ids ground next to one key all share their leading bits, so a cluster of them fills one range.  Without
+the limit a cluster of k Sybils could fill a far bucket: in the hostile simulation, a node whose bucket covering a
+targeted key held 19 Sybils of the other cluster and a liar started its lookup of that key among them only, and
+never reached an honest node."""
 
 MAX_FAILURES: Final = 3
 """Consecutive failed requests after which a contact is bad: no longer offered, and evicted when replaceable."""
@@ -246,6 +260,8 @@ class ObserveOutcome(enum.Enum):
     """It claims our own id."""
     REJECTED_SUBNET = "rejected_subnet"
     """Its bucket already holds :data:`MAX_CONTACTS_PER_SUBNET_PER_BUCKET` contacts from its subnet."""
+    REJECTED_ID_RANGE = "rejected_id_range"
+    """Its bucket already holds :data:`MAX_CONTACTS_PER_ID_RANGE` contacts in its id range."""
 
 
 class ObserveResult(NamedTuple):
@@ -264,6 +280,7 @@ class ObserveResult(NamedTuple):
 
 _REJECTED_OWN_ID: Final = ObserveResult(ObserveOutcome.REJECTED_OWN_ID)
 _REJECTED_SUBNET: Final = ObserveResult(ObserveOutcome.REJECTED_SUBNET)
+_REJECTED_ID_RANGE: Final = ObserveResult(ObserveOutcome.REJECTED_ID_RANGE)
 
 
 def _find(contacts: list[Contact], key: int) -> int:
@@ -376,6 +393,8 @@ class RoutingTable:
             if limited is not None and self._subnet_count(contacts, limited) >= self._subnet_cap():
                 return _REJECTED_SUBNET
             if len(contacts) < self.k:
+                if self._range_full(bucket, contacts, key):
+                    return _REJECTED_ID_RANGE
                 contact = Contact(node_id, address, now, cert=cert)
                 contacts.append(contact)
                 bucket.last_touched = now
@@ -388,7 +407,9 @@ class RoutingTable:
             break
 
         for i, old in enumerate(contacts):
-            if old.failures >= MAX_FAILURES:  # is_bad, without a property call per contact
+            if old.failures >= MAX_FAILURES and not self._range_full(
+                bucket, [c for c in contacts if c is not old], key
+            ):
                 # Replacing a contact known to be dead needs no ping.
                 del contacts[i]
                 if bucket._pinging is old:
@@ -684,14 +705,14 @@ class RoutingTable:
 
     def _promotable(self, bucket: Bucket, leaving: Contact | None) -> int | None:
         """Index of the most recently seen replacement that may join the bucket once *leaving* has left."""
-        contacts = bucket._contacts
+        staying = [c for c in bucket._contacts if c is not leaving]
         for j in range(len(bucket._replacements) - 1, -1, -1):
             candidate = bucket._replacements[j]
             limited = self._limited_subnet(candidate.address)
-            if limited is not None:
-                staying = [c for c in contacts if c is not leaving]
-                if self._subnet_count(staying, limited) >= self._subnet_cap():
-                    continue
+            if limited is not None and self._subnet_count(staying, limited) >= self._subnet_cap():
+                continue
+            if self._range_full(bucket, staying, candidate._key):
+                continue
             return j
         return None
 
@@ -708,6 +729,24 @@ class RoutingTable:
         while i > 0 and contacts[i - 1].last_seen > contact.last_seen:
             i -= 1
         contacts.insert(i, contact)
+
+    def _range_full(self, bucket: Bucket, contacts: Sequence[Contact], key: int) -> bool:
+        """Whether *contacts* (of *bucket*) hold :data:`MAX_CONTACTS_PER_ID_RANGE` in *key*'s id range.
+
+        Not for the bucket holding our own id: it splits instead, so its contacts may sit close together (the
+        nodes nearest to us do), and its range is not yet the one they will end up in.
+        """
+        shift = NODE_ID_BITS - bucket.depth - ID_RANGE_BITS
+        if bucket is self._buckets[-1] or shift <= 0:
+            return False
+        in_range = key >> shift
+        count = 0
+        for contact in contacts:
+            if contact._key >> shift == in_range:
+                count += 1
+                if count >= MAX_CONTACTS_PER_ID_RANGE:
+                    return True
+        return False
 
     def _limited_subnet(self, address: Address) -> str | bytes | None:
         """The subnet key of *address* if the subnet limit applies to it, else ``None``."""
