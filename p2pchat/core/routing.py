@@ -570,19 +570,16 @@ class RoutingTable:
             held += len(bucket._contacts)
             if position < final and (0 < position < group_end or (ordered and held < need)):
                 continue
-            if not ordered and held <= need:
-                # A whole group fits: it is in the answer whatever the order inside it.
-                if exclude_failing:
-                    result.extend([c for b in taken for c in b._contacts if c.failures < MAX_FAILURES])
-                else:
-                    result.extend([c for b in taken for c in b._contacts])
+            if exclude_failing:
+                members = [c for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
+            else:
+                members = [c for b in taken for c in b._contacts]
+            if not ordered and len(members) <= need:
+                result.extend(members)  # a whole group fits: it is in the answer whatever the order inside it
             else:
                 # (distance, contact) pairs sort in C, without a Python key call per contact; distances are distinct
                 # (so are ids), so a contact is never compared.
-                if exclude_failing:
-                    ranked = [(c._key ^ t, c) for b in taken for c in b._contacts if c.failures < MAX_FAILURES]
-                else:
-                    ranked = [(c._key ^ t, c) for b in taken for c in b._contacts]
+                ranked = [(c._key ^ t, c) for c in members]
                 ranked.sort()
                 result.extend([c for _, c in ranked[:need]])
             need = count - len(result)
