@@ -20,6 +20,7 @@ import pytest
 import umsgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from schema_strategies import TEST_PACKETS, Everything, Pair, any_packet, struct_strategy
 
 from p2pchat.core import packets, schema
 from p2pchat.core.framing import (
@@ -98,74 +99,6 @@ TXID = bytes(range(TXID_BYTES))
 NODE_ID = bytes(range(20))
 CERT = issue_cert(Identity.from_seed(bytes(32)), "2001:db8::1", 65535, 2**40)
 CERT_WIRE = to_wire(CERT)  # [key, packed host, port, issued_at, signature]: the raw form in hand-built bodies
-
-
-# --- a test-only registry that exercises every spec -------------------------------------------------------------
-
-TEST_PACKETS = PacketRegistry()
-
-
-@wire_struct
-@dataclass(frozen=True, slots=True)
-class Pair(WireStruct):
-    """A small nested struct."""
-
-    flag: Annotated[bool, Bool()]
-    ratio: Annotated[float, Float(min_value=-1.0, max_value=1.0)]
-
-
-@packet(kind=MAX_PACKET_KIND, registry=TEST_PACKETS)
-@dataclass(frozen=True, slots=True)
-class Everything(Packet):
-    """One field of every spec kind, with extreme bounds."""
-
-    wide: Annotated[int, Int(min_value=MSGPACK_INT_MIN, max_value=MSGPACK_INT_MAX)]
-    maybe_blob: Annotated[bytes | None, Optional(Bytes(min_len=1, max_len=300))]
-    maybe_pair: Annotated[Pair | None, Optional(Struct(Pair))]
-    grid: Annotated[
-        tuple[tuple[int, ...], ...], List(item=List(item=Int(min_value=-200, max_value=200), max_items=3), max_items=16)
-    ]
-    label: Annotated[str, Str(max_bytes=40)]
-    host: Annotated[str, IpAddress()]
-
-
-# --- strategies built from the specs ----------------------------------------------------------------------------
-
-
-def _utf8_prefix(text: str, max_bytes: int) -> str:
-    return text.encode()[:max_bytes].decode("utf-8", "ignore")
-
-
-def strategy_for(spec: Spec) -> st.SearchStrategy[Any]:
-    """Values that *spec* accepts."""
-    match spec:
-        case Bytes():
-            return st.binary(min_size=spec.min_len, max_size=spec.max_len)
-        case Str():
-            return st.text(max_size=spec.max_bytes).map(lambda s: _utf8_prefix(s, spec.max_bytes))
-        case Int():
-            return st.integers(spec.min_value, spec.max_value)
-        case Bool():
-            return st.booleans()
-        case Float():
-            return st.floats(spec.min_value, spec.max_value, allow_nan=False, allow_infinity=False)
-        case IpAddress():
-            return st.ip_addresses().map(str)
-        case Optional():
-            return st.none() | strategy_for(spec.spec)
-        case List():
-            return st.lists(strategy_for(spec.item), min_size=spec.min_items, max_size=spec.max_items).map(tuple)
-        case Struct():
-            return struct_strategy(spec.cls)
-    raise AssertionError(f"no strategy for {spec!r}")
-
-
-def struct_strategy(cls: type[WireStruct]) -> st.SearchStrategy[Any]:
-    """Valid instances of a schema class."""
-    return st.builds(cls, *[strategy_for(spec) for spec in schema_of(cls).specs])
-
-
-any_packet = st.sampled_from(list(PACKETS)).flatmap(struct_strategy)
 
 
 def _frame_one_byte_at_a_time(payload: bytes) -> list[bytes]:
