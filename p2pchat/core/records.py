@@ -55,14 +55,12 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Final, TypeVar
 
-import msgpack  # type: ignore[import-untyped]
-
-from p2pchat.core.framing import unpack_strict
+from p2pchat.core.framing import decode_struct, encode_struct
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.ids import NODE_ID_BYTES, NodeId
-from p2pchat.core.schema import Bytes, Int, List, Spec, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
+from p2pchat.core.schema import Bytes, Int, List, Spec, WireStruct, max_wire_size, to_wire, wire_struct
 from p2pchat.errors import ProtocolError
 
 __all__ = [
@@ -166,6 +164,8 @@ class RecordKind(enum.IntEnum):
     """The owner's X3DH prekey bundle."""
 
 
+_KIND_BY_VALUE: Final = {int(kind): kind for kind in RecordKind}
+
 RECORD_KEY_PERSONALIZATION: Final = {
     RecordKind.PEER: b"p2pchat-peer",
     RecordKind.PREKEYS: b"p2pchat-prekeys",
@@ -209,10 +209,12 @@ class _RecordKindSpec(Spec):
         """Return the kind for a known integer value."""
         if type(value) is not int:
             raise ProtocolError(f"expected a record kind (int), got {type(value).__name__}")
-        try:
-            return RecordKind(value)
-        except ValueError:
-            raise ProtocolError(f"unknown record kind {value}") from None
+        # A dict, not RecordKind(value): the enum call goes through EnumType.__call__, and every stored or fetched
+        # record passes here.
+        kind = _KIND_BY_VALUE.get(value)
+        if kind is None:
+            raise ProtocolError(f"unknown record kind {value}")
+        return kind
 
     def to_wire(self, value: object) -> int:
         """Return the plain int (msgpack would not know an enum member)."""
@@ -571,13 +573,11 @@ def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
     size = len(data)
     if size > max_size:
         raise ProtocolError(f"{cls.__name__} of {size} bytes is over the {max_size}-byte limit")
-    wire: Any = unpack_strict(data)
-    return from_wire(cls, wire)
+    return decode_struct(cls, data)
 
 
 def _encode(obj: WireStruct) -> bytes:
-    packed: bytes = msgpack.packb(to_wire(obj))
-    return packed
+    return encode_struct(obj)
 
 
 def encode_record(record: SignedRecord) -> bytes:
