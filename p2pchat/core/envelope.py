@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
-import msgpack  # type: ignore[import-untyped]
 import nacl.bindings
 import nacl.exceptions
 
-from p2pchat.core.framing import unpack_strict
+from p2pchat.core.framing import decode_struct, encode_struct
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.records import MAX_VALUE_BYTES
-from p2pchat.core.schema import Bytes, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
+from p2pchat.core.schema import Bytes, WireStruct, max_wire_size, wire_struct
 from p2pchat.core.x3dh import (
     X25519_KEY_BYTES,
     ed25519_to_x25519_public,
@@ -150,7 +149,7 @@ def seal(sender: Identity, mailbox_public_key: bytes, payload: bytes, random_byt
         raise ValueError(f"an envelope payload is bytes of at most {MAX_PAYLOAD_BYTES}")
     mailbox_x25519 = ed25519_to_x25519_public(mailbox_public_key)
     signature = sender.sign(envelope_message(mailbox_public_key, payload))
-    inner: bytes = msgpack.packb(to_wire(EnvelopeContent(sender.public.key, signature, payload)))
+    inner = encode_struct(EnvelopeContent(sender.public.key, signature, payload))
     ephemeral = random_bytes(X25519_KEY_BYTES)
     if type(ephemeral) is not bytes or len(ephemeral) != X25519_KEY_BYTES:
         raise ValueError(f"random_bytes({X25519_KEY_BYTES}) returned something other than {X25519_KEY_BYTES} bytes")
@@ -186,8 +185,7 @@ def open_envelope(mailbox: Identity, sealed: bytes) -> tuple[PublicIdentity, byt
         )
     except nacl.exceptions.CryptoError:
         raise ProtocolError("envelope does not decrypt: not sealed to this mailbox, or tampered with") from None
-    wire: Any = unpack_strict(inner)
-    content = from_wire(EnvelopeContent, wire)
+    content = decode_struct(EnvelopeContent, inner)
     sender = PublicIdentity.from_key(content.sender_key)
     if not sender.verify(envelope_message(mailbox.public.key, content.payload), content.signature):
         raise ProtocolError("envelope signature does not verify for this mailbox")

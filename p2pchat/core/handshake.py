@@ -46,14 +46,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final, TypeVar
 
-import msgpack  # type: ignore[import-untyped]
 import nacl.bindings
 import nacl.exceptions
 
-from p2pchat.core.framing import MAX_STREAM_FRAME, unpack_strict
+from p2pchat.core.framing import MAX_STREAM_FRAME, encode_struct, unpack_strict
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.kdf import hkdf_expand, hkdf_extract
-from p2pchat.core.schema import Bytes, Int, WireStruct, from_wire, max_wire_size, to_wire, wire_struct
+from p2pchat.core.schema import Bytes, Int, WireStruct, from_wire, max_wire_size, wire_struct
 from p2pchat.errors import ProtocolError
 
 __all__ = [
@@ -173,8 +172,7 @@ assert max(max_wire_size(cls) for cls in (InitiatorHello, ResponderAuth, Initiat
 
 
 def _encode_message(message: _HandshakeMessage) -> bytes:
-    data: bytes = msgpack.packb(to_wire(message))
-    return data
+    return encode_struct(message)
 
 
 def _decode_message(cls: type[_S], data: bytes) -> _S:

@@ -20,9 +20,7 @@ import enum
 from dataclasses import dataclass
 from typing import Annotated, Final, TypeVar
 
-import msgpack  # type: ignore[import-untyped]
-
-from p2pchat.core.framing import unpack_strict
+from p2pchat.core.framing import decode_struct, encode_struct
 from p2pchat.core.identity import PUBLIC_KEY_BYTES
 from p2pchat.core.packets import MAX_PORT, MIN_PORT
 from p2pchat.core.ratchet import MAX_CIPHERTEXT_BYTES
@@ -37,9 +35,7 @@ from p2pchat.core.schema import (
     Str,
     Struct,
     WireStruct,
-    from_wire,
     max_wire_size,
-    to_wire,
     wire_struct,
 )
 from p2pchat.errors import ProtocolError
@@ -171,8 +167,7 @@ _W = TypeVar("_W", bound=WireStruct)
 
 def encode(obj: WireStruct) -> bytes:
     """Encode a struct of this module; :class:`ValueError` if it is out of range (our own bug)."""
-    data: bytes = msgpack.packb(to_wire(obj))
-    return data
+    return encode_struct(obj)
 
 
 def decode(cls: type[_W], data: bytes) -> _W:
@@ -182,4 +177,4 @@ def decode(cls: type[_W], data: bytes) -> _W:
     limit = max_wire_size(cls)
     if len(data) > limit:
         raise ProtocolError(f"{cls.__name__} of {len(data)} bytes is over its {limit}-byte limit")
-    return from_wire(cls, unpack_strict(data))
+    return decode_struct(cls, data)

@@ -51,13 +51,12 @@ import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
-import msgpack  # type: ignore[import-untyped]
 import nacl.bindings
 import nacl.exceptions
 
-from p2pchat.core.framing import unpack_strict
+from p2pchat.core.framing import decode_struct, encode_struct
 from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.schema import (
     Bytes,
@@ -66,7 +65,6 @@ from p2pchat.core.schema import (
     Optional,
     Struct,
     WireStruct,
-    from_wire,
     max_wire_size,
     to_wire,
     wire_struct,
@@ -279,8 +277,7 @@ def _open(message_key: bytes, header: Header, ciphertext: bytes, associated_data
 
 def encode_header(header: Header) -> bytes:
     """The canonical msgpack bytes of *header* (at most :data:`MAX_ENCODED_HEADER_BYTES`); :class:`ValueError`."""
-    packed: bytes = msgpack.packb(to_wire(header))
-    return packed
+    return encode_struct(header)
 
 
 def decode_header(data: bytes) -> Header:
@@ -293,7 +290,7 @@ def decode_header(data: bytes) -> Header:
         raise ProtocolError(f"expected bytes, got {type(data).__name__}")
     if len(data) > MAX_ENCODED_HEADER_BYTES:
         raise ProtocolError(f"ratchet header of {len(data)} bytes is over the {MAX_ENCODED_HEADER_BYTES}-byte limit")
-    header = from_wire(Header, unpack_strict(data))
+    header = decode_struct(Header, data)
     if encode_header(header) != data:
         raise ProtocolError("ratchet header is not canonically encoded")
     return header
@@ -318,8 +315,7 @@ def encode_state(state: RatchetState) -> bytes:
 
     They hold every secret of the session: store them as carefully as the identity key.
     """
-    packed: bytes = msgpack.packb(to_wire(state))
-    return bytes((STATE_VERSION,)) + packed
+    return bytes((STATE_VERSION,)) + encode_struct(state)
 
 
 def decode_state(data: bytes) -> RatchetState:
@@ -335,8 +331,7 @@ def decode_state(data: bytes) -> RatchetState:
         raise ProtocolError(f"ratchet state of {len(data)} bytes, expected 2..{MAX_ENCODED_STATE_BYTES}")
     if data[0] != STATE_VERSION:
         raise ProtocolError(f"ratchet state version {data[0]} is not {STATE_VERSION}")
-    wire: Any = unpack_strict(data[1:])
-    state = from_wire(RatchetState, wire)
+    state = decode_struct(RatchetState, data[1:])
     if nacl.bindings.crypto_scalarmult_base(state.dhs_private) != state.dhs_public:
         raise ProtocolError("ratchet state: public key does not match the private key")
     if state.dhr is None:

@@ -67,13 +67,12 @@ import itertools
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, NamedTuple, TypeVar
+from typing import Annotated, Final, NamedTuple, TypeVar
 
-import msgpack  # type: ignore[import-untyped]
 import nacl.bindings
 import nacl.exceptions
 
-from p2pchat.core.framing import unpack_strict
+from p2pchat.core.framing import decode_struct, encode_struct
 from p2pchat.core.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PublicIdentity
 from p2pchat.core.kdf import hkdf_sha256
 from p2pchat.core.records import CLOCK_SKEW_ALLOWANCE, MAX_MAILBOX_TTL, MAX_TIMESTAMP
@@ -84,7 +83,6 @@ from p2pchat.core.schema import (
     Optional,
     Struct,
     WireStruct,
-    from_wire,
     max_wire_size,
     to_wire,
     wire_struct,
@@ -403,13 +401,11 @@ def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
         raise ProtocolError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
         raise ProtocolError(f"{cls.__name__} of {len(data)} bytes is over the {max_size}-byte limit")
-    wire: Any = unpack_strict(data)
-    return from_wire(cls, wire)
+    return decode_struct(cls, data)
 
 
 def _encode(obj: WireStruct) -> bytes:
-    packed: bytes = msgpack.packb(to_wire(obj))
-    return packed
+    return encode_struct(obj)
 
 
 def _recheck(obj: object, cls: type[WireStruct]) -> None:
