@@ -21,7 +21,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from schema_strategies import Everything, Pair, strategy_for, struct_strategy
+from schema_strategies import Everything, Pair, struct_strategy
 
 import p2pchat.core
 from p2pchat.core import fastwire, framing
@@ -52,19 +52,6 @@ def _schema_classes() -> list[type[WireStruct]]:
 
 
 SCHEMA_CLASSES = _schema_classes()
-
-
-def _valid(cls: type[WireStruct]) -> st.SearchStrategy[WireStruct]:
-    """Valid instances: values each spec accepts, minus those a class's own invariants (``__post_init__``) refuse."""
-
-    def build(values: tuple[Any, ...]) -> WireStruct | None:
-        try:
-            return cls(*values)
-        except ProtocolError:
-            return None
-
-    fields = st.tuples(*[strategy_for(spec) for spec in schema_of(cls).specs])
-    return fields.map(build).filter(lambda obj: obj is not None)  # type: ignore[return-value]
 
 
 def _same(a: object, b: object) -> bool:
@@ -115,7 +102,7 @@ def test_the_protocol_schemas_are_all_found() -> None:
 @pytest.mark.parametrize("cls", SCHEMA_CLASSES, ids=lambda cls: cls.__name__)
 def test_valid_values_take_the_fast_path_and_come_back_the_same(cls: type[WireStruct]) -> None:
     @FAST
-    @given(_valid(cls))
+    @given(struct_strategy(cls))
     def check(obj: WireStruct) -> None:
         data = encode_struct(obj)
         # msgspec writes what msgpack-python wrote before it, byte for byte: signatures and canonical-form checks
@@ -135,7 +122,7 @@ def test_mutated_bytes_never_pass_the_fast_path_alone(cls: type[WireStruct]) -> 
     accepted = 0
 
     @settings(max_examples=8, deadline=None, derandomize=True, database=None)
-    @given(_valid(cls), st.randoms(use_true_random=False))
+    @given(struct_strategy(cls), st.randoms(use_true_random=False))
     def check(obj: WireStruct, rng: random.Random) -> None:
         nonlocal accepted
         base = encode_struct(obj)
@@ -208,7 +195,7 @@ def test_odd_values_in_every_field_never_pass_the_fast_path_alone(cls: type[Wire
     bodies = 0
 
     @settings(max_examples=3, deadline=None, derandomize=True, database=None)
-    @given(_valid(cls))
+    @given(struct_strategy(cls))
     def check(obj: WireStruct) -> None:
         nonlocal bodies
         good = to_wire(obj)

@@ -43,13 +43,11 @@ from p2pchat.core.schema import (
     schema_of,
 )
 
-__all__ = ["INT64_MAX", "INT64_MIN", "fast_decoder"]
-
-INT64_MIN: Final = -(1 << 63)
-"""Smallest bound msgspec takes as an integer constraint."""
+__all__ = ["INT64_MAX", "fast_decoder"]
 
 INT64_MAX: Final = (1 << 63) - 1
-"""Largest bound msgspec takes as an integer constraint (larger values still decode, checked by the schema)."""
+"""Largest bound msgspec takes as an integer constraint (larger values still decode, checked by the schema).  The
+smallest, -2**63, is msgpack's own (``MSGPACK_INT_MIN``), below which no Int spec's bound can go."""
 
 Converter = Callable[[Any], Any]
 """Turns what msgspec decoded for a field into the schema's Python value; may raise ProtocolError."""
@@ -72,7 +70,7 @@ def _form(spec: Spec) -> _Form:
         return _Form(Annotated[bytes, msgspec.Meta(min_length=spec.min_len, max_length=spec.max_len)], None, True)
     if kind is Int:
         assert isinstance(spec, Int)
-        if spec.min_value >= INT64_MIN and spec.max_value <= INT64_MAX:
+        if spec.max_value <= INT64_MAX:
             return _Form(Annotated[int, msgspec.Meta(ge=int(spec.min_value), le=int(spec.max_value))], None, True)
         return _Form(int, spec.check, True)
     if kind is Bool:

@@ -171,10 +171,6 @@ class InitiatorAuth(_HandshakeMessage):
 assert max(max_wire_size(cls) for cls in (InitiatorHello, ResponderAuth, InitiatorAuth)) <= MAX_HANDSHAKE_MESSAGE
 
 
-def _encode_message(message: _HandshakeMessage) -> bytes:
-    return encode_struct(message)
-
-
 def _decode_message(cls: type[_S], data: bytes) -> _S:
     """Decode handshake message *cls*; version and step are checked first so their errors say what is wrong."""
     name = cls.__name__
@@ -441,7 +437,7 @@ class Handshake:
         if not self._initiator:
             self._state = _State.WAIT_INITIATOR_HELLO
             return None
-        message = _encode_message(InitiatorHello(CHANNEL_VERSION, InitiatorHello.STEP, self._ephemeral_public))
+        message = encode_struct(InitiatorHello(CHANNEL_VERSION, InitiatorHello.STEP, self._ephemeral_public))
         self._transcript = _hash(self._transcript, message)
         self._state = _State.WAIT_RESPONDER_AUTH
         return message
@@ -480,7 +476,7 @@ class Handshake:
         own_key = self._identity.public.key
         signature = self._identity.sign(_signed_message(_ROLE_RESPONDER, h2, own_key))
         sealed = _seal(responder_key, _HANDSHAKE_NONCE, own_key + signature, h2)
-        reply = _encode_message(ResponderAuth(CHANNEL_VERSION, ResponderAuth.STEP, self._ephemeral_public, sealed))
+        reply = encode_struct(ResponderAuth(CHANNEL_VERSION, ResponderAuth.STEP, self._ephemeral_public, sealed))
         self._transcript = _hash(h2, own_key, reply)
         self._ee = ee
         self._initiator_key = initiator_key
@@ -499,7 +495,7 @@ class Handshake:
         own_key = self._identity.public.key
         signature = self._identity.sign(_signed_message(_ROLE_INITIATOR, h3, own_key))
         sealed = _seal(initiator_key, _HANDSHAKE_NONCE, own_key + signature, h3)
-        reply = _encode_message(InitiatorAuth(CHANNEL_VERSION, InitiatorAuth.STEP, sealed))
+        reply = encode_struct(InitiatorAuth(CHANNEL_VERSION, InitiatorAuth.STEP, sealed))
         self._finish(_hash(h3, own_key, reply), ee, peer)
         return reply
 

@@ -576,13 +576,9 @@ def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
     return decode_struct(cls, data)
 
 
-def _encode(obj: WireStruct) -> bytes:
-    return encode_struct(obj)
-
-
 def encode_record(record: SignedRecord) -> bytes:
     """The msgpack bytes of *record* (at most :data:`MAX_ENCODED_RECORD_BYTES`); :class:`ValueError` if invalid."""
-    return _encode(record)
+    return encode_struct(record)
 
 
 def decode_record(data: bytes) -> SignedRecord:
@@ -592,7 +588,7 @@ def decode_record(data: bytes) -> SignedRecord:
 
 def encode_entry(entry: MailboxEntry) -> bytes:
     """The msgpack bytes of *entry* (at most :data:`MAX_ENCODED_ENTRY_BYTES`); :class:`ValueError` if invalid."""
-    return _encode(entry)
+    return encode_struct(entry)
 
 
 def decode_entry(data: bytes) -> MailboxEntry:
@@ -602,7 +598,7 @@ def decode_entry(data: bytes) -> MailboxEntry:
 
 def encode_tombstone(tombstone: Tombstone) -> bytes:
     """The msgpack bytes of *tombstone* (at most :data:`MAX_ENCODED_TOMBSTONE_BYTES`); :class:`ValueError`."""
-    return _encode(tombstone)
+    return encode_struct(tombstone)
 
 
 def decode_tombstone(data: bytes) -> Tombstone:

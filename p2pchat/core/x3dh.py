@@ -404,10 +404,6 @@ def _decode(cls: type[_W], data: bytes, max_size: int) -> _W:
     return decode_struct(cls, data)
 
 
-def _encode(obj: WireStruct) -> bytes:
-    return encode_struct(obj)
-
-
 def _recheck(obj: object, cls: type[WireStruct]) -> None:
     """Run the decoder's field checks on an object that may not have come through a decoder."""
     if type(obj) is not cls:
@@ -470,7 +466,7 @@ def validate_bundle(bundle: PrekeyBundle, expected_identity_key: bytes, now: flo
 
 def encode_bundle(bundle: PrekeyBundle) -> bytes:
     """The msgpack bytes of *bundle* (at most :data:`MAX_ENCODED_BUNDLE_BYTES`); :class:`ValueError` if invalid."""
-    return _encode(bundle)
+    return encode_struct(bundle)
 
 
 def decode_bundle(data: bytes) -> PrekeyBundle:
@@ -480,7 +476,7 @@ def decode_bundle(data: bytes) -> PrekeyBundle:
 
 def encode_initial_header(header: InitialHeader) -> bytes:
     """The msgpack bytes of *header* (at most :data:`MAX_ENCODED_HEADER_BYTES`); :class:`ValueError` if invalid."""
-    return _encode(header)
+    return encode_struct(header)
 
 
 def decode_initial_header(data: bytes) -> InitialHeader:
@@ -512,7 +508,7 @@ def _state_problem(state: PrekeyState) -> str | None:
 
 def encode_prekey_state(state: PrekeyState) -> bytes:
     """The msgpack bytes of *state*, to store (sealed) on disk; :class:`ValueError` if it is inconsistent."""
-    data = _encode(state)
+    data = encode_struct(state)
     problem = _state_problem(state)
     if problem is not None:
         raise ValueError(f"PrekeyState: {problem}")
